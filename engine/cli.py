@@ -1,0 +1,128 @@
+"""`bricks-dj`: run, validate and inspect data recipes; generate and process the demo corpus."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from . import registry
+from .inputs import InputError, list_sources
+from .output import OutputError
+from .recipe import RecipeError, load
+
+USER_ERRORS = (RecipeError, InputError, OutputError, registry.RegistryError)
+RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
+
+
+def _fail(exc: Exception) -> None:
+    click.echo(f"bricks-dj: error: {exc}", err=True)
+    sys.exit(2)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("-v", "--verbose", is_flag=True, help="Log each step.")
+def main(verbose: bool) -> None:
+    """Turn raw videos into training shards with a YAML recipe of operators."""
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+
+
+set_option = click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+                          help="Override a recipe field, e.g. executor.mode=local or process.motion_filter.min_score=0.5.")
+
+
+@main.command()
+@click.argument("recipe", type=click.Path(dir_okay=False))
+@set_option
+@click.option("--address", help="Join this Ray cluster instead of starting Ray here.")
+@click.option("--local", "local", is_flag=True, help="Run in-process without Ray (debugging).")
+@click.option("--overwrite", is_flag=True, help="Discard earlier output and start over.")
+@click.option("--strict", is_flag=True, help="Exit with status 1 if any source or sample failed.")
+def run(recipe: str, overrides: tuple[str, ...], address: str | None, local: bool, overwrite: bool, strict: bool) -> None:
+    """Run RECIPE; rerunning resumes where an interrupted run stopped."""
+    from .progress import RunProgress, summary_table
+    from .run import run as run_recipe
+
+    overrides = list(overrides) + ([f"executor.address={address}"] if address else [])
+    try:
+        loaded = load(recipe, overrides)
+        display = RunProgress()
+        try:
+            manifest = run_recipe(loaded, overwrite=overwrite, mode="local" if local else None,
+                                  on_start=display.start, on_source=display.source)
+        finally:
+            display.close()
+    except USER_ERRORS as exc:
+        _fail(exc)
+    console = Console()
+    console.print(summary_table(manifest))
+    console.print(f"output: {loaded.model.output}")
+    failed = manifest["sources"]["failed"] + manifest["rejects"]["failed"]
+    if strict and failed:
+        click.echo(f"bricks-dj: {failed} failures (see {loaded.model.output}/rejects)", err=True)
+        sys.exit(1)
+
+
+@main.command()
+@click.argument("recipe", type=click.Path(dir_okay=False))
+@set_option
+def validate(recipe: str, overrides: tuple[str, ...]) -> None:
+    """Check RECIPE (operators, parameters, inputs) without running it."""
+    from .plan import build
+
+    try:
+        loaded = load(recipe, list(overrides))
+        build(loaded)
+        sources = list_sources(loaded.model.input)
+    except USER_ERRORS as exc:
+        _fail(exc)
+    steps = ", ".join(op.name for op in loaded.ops)
+    click.echo(f"{recipe}: ok ({len(sources)} sources; {steps})")
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def ops(as_json: bool) -> None:
+    """List the available operators with their parameters."""
+    try:
+        operators = registry.all_operators()
+    except registry.RegistryError as exc:
+        _fail(exc)
+    if as_json:
+        click.echo(json.dumps({name: {"kind": registry.kind_of(cls), "description": cls.description,
+                                      "params": cls.Params.model_json_schema().get("properties", {})}
+                               for name, cls in operators.items()}, indent=2))
+        return
+    table = Table(show_lines=True)
+    for column in ("operator", "kind", "description", "parameters (default)"):
+        table.add_column(column)
+    for name, cls in operators.items():
+        params = "\n".join(f"{field}: {info.default!r}" for field, info in cls.Params.model_fields.items())
+        table.add_row(name, registry.kind_of(cls), cls.description, params or "-")
+    Console().print(table)
+
+
+@main.command()
+@click.option("--workdir", default="demo", show_default=True, type=click.Path(file_okay=False),
+              help="Where the corpus and the output go.")
+@click.option("--num-videos", default=6, show_default=True, help="Synthetic videos to generate.")
+@click.option("--recipe", "recipe_path", default=str(RECIPES_DIR / "demo.yaml"), show_default=True,
+              type=click.Path(dir_okay=False))
+@click.option("--local", "local", is_flag=True, help="Run in-process without Ray.")
+@set_option
+def demo(workdir: str, num_videos: int, recipe_path: str, local: bool, overrides: tuple[str, ...]) -> None:
+    """Generate synthetic brick-film videos and run the demo recipe over them."""
+    from .synthetic import generate_corpus
+
+    videos = Path(workdir) / "videos"
+    if not (videos / "truth.json").exists():
+        click.echo(f"generating {num_videos} synthetic brick-film videos in {videos}", err=True)
+        generate_corpus(videos, num_videos=num_videos)
+    ctx = click.get_current_context()
+    ctx.invoke(run, recipe=recipe_path, local=local, address=None, overwrite=True, strict=True,
+               overrides=(f"input={videos}", f"output={Path(workdir) / 'out'}", *overrides))

@@ -1,0 +1,207 @@
+"""Serving operators' frame requests from frames decoded once.
+
+The decode pass keeps the frames of the shot still open in a `FrameBuffer` (PyAV frames,
+scaled down in libswscale when no operator wants full size). When the shot closes, its clips'
+requests are resolved to frame indices and converted (scale, pixel format, rotation) from
+the buffer. A shot whose frames outgrow the memory budget is dropped from the buffer and its
+requests are served afterwards by decoding just that range again (`RangeFrames`).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Iterable, Protocol
+
+import av
+import cv2
+import numpy as np
+
+from .operator import FrameRequest, Frames, Sample
+
+
+def request_indices(req: FrameRequest, start: int, end: int, fps: float) -> list[int]:
+    """Source frame indices that `req` asks for in the clip [start, end)."""
+    n = end - start
+    if n <= 0:
+        return []
+    if req.positions == "all":
+        return list(range(start, end))
+    if req.positions == "fractions":
+        return [start + min(int(f * n), n - 1) for f in req.fractions]
+    step = fps / req.fps  # frames between samples
+    count = int(math.floor((n - 1) / step)) + 1 if step > 0 else n
+    if count >= req.min_count:
+        return [start + int(round(k * step)) for k in range(count)]
+    count = min(req.min_count, n)
+    return sorted({start + int(round(x)) for x in np.linspace(0, n - 1, count)})
+
+
+def scaled_size(width: int, height: int, short_side: int | None) -> tuple[int, int]:
+    """(width, height) with the short side at most `short_side`, even sizes, aspect kept."""
+    if short_side is None or min(width, height) <= short_side:
+        return width, height
+    scale = short_side / min(width, height)
+    return max(2, int(round(width * scale / 2)) * 2), max(2, int(round(height * scale / 2)) * 2)
+
+
+def display_size(width: int, height: int, rotation: int) -> tuple[int, int]:
+    return (height, width) if rotation % 180 else (width, height)
+
+
+def to_array(frame: av.VideoFrame, req: FrameRequest, rotation: int) -> np.ndarray:
+    """Scale in libswscale (not on a full-size array), convert, then apply display rotation."""
+    dw, dh = display_size(frame.width, frame.height, rotation)
+    tw, th = scaled_size(dw, dh, req.short_side)
+    cw, ch = display_size(tw, th, rotation)  # back to coded orientation
+    fmt = req.pixel_format
+    if (cw, ch) != (frame.width, frame.height) or frame.format.name != fmt:
+        frame = frame.reformat(width=cw, height=ch, format=fmt, interpolation="AREA")
+    array = frame.to_ndarray()
+    return rotate(array, rotation)
+
+
+def rotate(array: np.ndarray, rotation: int) -> np.ndarray:
+    # PyAV reports the display matrix's counter-clockwise angle.
+    turns = (rotation // 90) % 4
+    return np.ascontiguousarray(np.rot90(array, k=turns)) if turns else array
+
+
+class FrameSource(Protocol):
+    def serve(self, sample: Sample, req: FrameRequest) -> Frames: ...
+
+
+class FrameBuffer:
+    """Frames of the open shot, keyed by source index, with a memory budget."""
+
+    def __init__(self, budget_bytes: int, keep_short_side: int | None) -> None:
+        self.budget_bytes = budget_bytes
+        self.keep_short_side = keep_short_side
+        self.frames: dict[int, av.VideoFrame] = {}
+        self.bytes = 0
+        self.peak_bytes = 0
+        self.overflowed = False  # frames of the open shot were given up
+
+    def add(self, index: int, frame: av.VideoFrame, rotation: int) -> None:
+        if self.overflowed:
+            return
+        if self.keep_short_side is not None:
+            dw, dh = display_size(frame.width, frame.height, rotation)
+            tw, th = display_size(*scaled_size(dw, dh, self.keep_short_side), rotation)
+            if (tw, th) != (frame.width, frame.height):
+                frame = frame.reformat(width=tw, height=th, interpolation="AREA")
+        size = sum(p.buffer_size for p in frame.planes)
+        if self.bytes + size > self.budget_bytes:
+            self.clear()
+            self.overflowed = True
+            return
+        self.frames[index] = frame
+        self.bytes += size
+        self.peak_bytes = max(self.peak_bytes, self.bytes)
+
+    def release_before(self, index: int) -> None:
+        for i in [i for i in self.frames if i < index]:
+            frame = self.frames.pop(i)
+            self.bytes -= sum(p.buffer_size for p in frame.planes)
+
+    def clear(self) -> None:
+        self.frames.clear()
+        self.bytes = 0
+
+    def start_shot(self) -> None:
+        self.overflowed = False
+
+
+class BufferedFrames:
+    """Serves requests from frames held in memory (decoded frames or attached images)."""
+
+    def __init__(self, frames: dict[int, av.VideoFrame], fps: float, rotation: int) -> None:
+        self.frames = frames
+        self.fps = fps
+        self.rotation = rotation
+        self._cache: dict[tuple, np.ndarray] = {}
+
+    def serve(self, sample: Sample, req: FrameRequest) -> Frames:
+        image = sample.get("_image")
+        if image is not None:
+            return serve_image(image, req)
+        indices = request_indices(req, sample["start_frame"], sample["end_frame"], self.fps)
+        return Frames(indices, [self._array(i, req) for i in indices])
+
+    def _array(self, index: int, req: FrameRequest) -> np.ndarray:
+        key = (index, req.short_side, req.pixel_format)
+        if key not in self._cache:
+            try:
+                frame = self.frames[index]
+            except KeyError:
+                raise LookupError(f"frame {index} was not decoded (source ended early?)") from None
+            self._cache[key] = to_array(frame, req, self.rotation)
+        return self._cache[key]
+
+
+def serve_image(image: np.ndarray, req: FrameRequest) -> Frames:
+    """An image sample answers every request with its single (RGB) frame."""
+    h, w = image.shape[:2]
+    tw, th = scaled_size(w, h, req.short_side)
+    if (tw, th) != (w, h):
+        image = cv2.resize(image, (tw, th), interpolation=cv2.INTER_AREA)
+    if req.pixel_format == "bgr24":
+        image = image[:, :, ::-1].copy()
+    elif req.pixel_format == "gray":
+        image = cv2.cvtColor(image, cv2.COLOR_RGB2GRAY)
+    return Frames([0], [image])
+
+
+def needed_indices(samples: Iterable[Sample], requests: Iterable[FrameRequest], fps: float) -> set[int]:
+    needed: set[int] = set()
+    requests = list(requests)
+    for sample in samples:
+        for req in requests:
+            needed.update(request_indices(req, sample["start_frame"], sample["end_frame"], fps))
+    return needed
+
+
+class RangeFrames:
+    """Serves requests of a shot that overflowed the buffer by decoding its range again.
+
+    Each request seeks to the key frame before its first index and decodes to its last,
+    converting only the frames asked for; `pts_by_index` (recorded in the main pass) maps
+    decoded frames back to source indices, which also holds for variable frame rates.
+    """
+
+    def __init__(self, uri: str, pts_by_index: list[int | None], fps: float, rotation: int, threads: int) -> None:
+        self.uri = uri
+        self.pts_by_index = pts_by_index
+        self.index_by_pts = {p: i for i, p in enumerate(pts_by_index) if p is not None}
+        self.fps = fps
+        self.rotation = rotation
+        self.threads = threads
+        self.frames_decoded = 0
+
+    def serve(self, sample: Sample, req: FrameRequest) -> Frames:
+        image = sample.get("_image")
+        if image is not None:
+            return serve_image(image, req)
+        indices = request_indices(req, sample["start_frame"], sample["end_frame"], self.fps)
+        wanted = set(indices)
+        found: dict[int, np.ndarray] = {}
+        for index, frame in self._decode_from(min(indices)):
+            if index in wanted:
+                found[index] = to_array(frame, req, self.rotation)
+            if index >= max(indices):
+                break
+        missing = wanted - set(found)
+        if missing:
+            raise LookupError(f"frames {sorted(missing)[:5]} could not be decoded again")
+        return Frames(indices, [found[i] for i in indices])
+
+    def _decode_from(self, first: int):
+        from .video import decode  # local: frames.py stays free of I/O for the common path
+
+        seek_pts = self.pts_by_index[first] if first < len(self.pts_by_index) else None
+        if seek_pts is None or len(self.index_by_pts) != len(self.pts_by_index):
+            seek_pts = None  # no reliable pts: decode from the start, counting frames
+        for decoded in decode(self.uri, self.threads, seek_pts=seek_pts):
+            self.frames_decoded += 1
+            index = self.index_by_pts.get(decoded.pts) if seek_pts is not None else decoded.index
+            if index is not None and index >= first:
+                yield index, decoded.frame

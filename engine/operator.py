@@ -1,0 +1,154 @@
+"""What an operator is: its kinds, its parameters, its resources and the frames it asks for.
+
+An operator is a small class with a `name`, a one-line `description`, a pydantic `Params`
+model (validated before any work starts) and one processing method. Three kinds:
+
+- `Mapper.process(sample, frames) -> sample` changes or adds fields.
+- `Filter.score(sample, frames) -> {field: value}` records scores; `Filter.keep(scores)` says
+  whether the sample stays. Scores are recorded on kept and dropped samples alike.
+- `FanOut.split(sample, frames) -> [samples]` turns one sample into many (a video into clips,
+  a clip into a clip plus an image).
+
+Operators never open or decode a video themselves: they declare `FrameRequest`s and the
+engine serves every request of a recipe from one sequential decode pass per source.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal
+
+import numpy as np
+import pyarrow as pa
+from pydantic import BaseModel, ConfigDict
+
+Sample = dict[str, Any]
+"""One row of the output: the shard schema's columns (see `bricks.engine.schema`)."""
+
+
+class OperatorParams(BaseModel):
+    """Base of every operator's parameters: unknown or ill-typed fields are errors."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+@dataclass(frozen=True)
+class Resources:
+    """What one instance of the operator needs; fractional GPUs are allowed."""
+
+    cpus: float = 1.0
+    gpus: float = 0.0
+    batch_size: int = 1
+
+
+@dataclass(frozen=True)
+class FrameRequest:
+    """Decoded frames an operator needs for each sample it sees.
+
+    Positions are relative to the sample's [start_frame, end_frame) range:
+    - `fractions`: one frame at each fraction of the clip (0.5 is the middle frame);
+    - `fps`: frames every 1/fps seconds from the clip start (at least `min_count`);
+    - `all`: every frame.
+    `short_side` scales (never up) keeping the aspect ratio; None keeps the decoded size.
+    """
+
+    positions: Literal["fractions", "fps", "all"]
+    fractions: tuple[float, ...] = ()
+    fps: float | None = None
+    min_count: int = 1
+    short_side: int | None = None
+    pixel_format: Literal["rgb24", "bgr24", "gray"] = "rgb24"
+
+    def __post_init__(self) -> None:
+        if self.positions == "fractions" and not self.fractions:
+            raise ValueError("FrameRequest(positions='fractions') needs fractions")
+        if any(not 0.0 <= f <= 1.0 for f in self.fractions):
+            raise ValueError(f"FrameRequest fractions must lie in [0, 1], got {self.fractions}")
+        if self.positions == "fps" and not (self.fps and self.fps > 0):
+            raise ValueError("FrameRequest(positions='fps') needs fps > 0")
+
+
+@dataclass
+class Frames:
+    """Frames served for one request: source frame indices and HxWxC (or HxW) uint8 arrays."""
+
+    indices: list[int]
+    arrays: list[np.ndarray] = field(repr=False)
+
+
+class Operator:
+    """Base of all operators. Subclass one of `Mapper`, `Filter`, `FanOut` (or `Segmenter`)."""
+
+    name: ClassVar[str]
+    description: ClassVar[str]
+    Params: ClassVar[type[OperatorParams]] = OperatorParams
+    resources: ClassVar[Resources] = Resources()
+    # Columns this operator adds to the shard schema (scores, captions...), with Arrow types.
+    outputs: ClassVar[dict[str, pa.DataType]] = {}
+
+    def __init__(self, params: OperatorParams | None = None) -> None:
+        # Cheap: runs where the pipeline is built. Load models in `setup`.
+        self.params = params if params is not None else self.Params()
+
+    def setup(self) -> None:
+        """Runs once in the worker before the first sample (model loading goes here)."""
+
+    def frame_requests(self) -> tuple[FrameRequest, ...]:
+        """Frames this operator needs per sample, served in this order to its method."""
+        return ()
+
+    def applies_to(self, sample: Sample) -> bool:
+        """Samples this operator handles; others pass through untouched."""
+        return True
+
+    @property
+    def needs_frames(self) -> bool:
+        return bool(self.frame_requests())
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.params!r})"
+
+
+class Mapper(Operator):
+    def process(self, sample: Sample, frames: list[Frames]) -> Sample:
+        raise NotImplementedError
+
+
+class Filter(Operator):
+    def score(self, sample: Sample, frames: list[Frames]) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def keep(self, scores: dict[str, Any]) -> bool | str:
+        """True to keep; False or a reason string to drop."""
+        raise NotImplementedError
+
+
+class FanOut(Operator):
+    def split(self, sample: Sample, frames: list[Frames]) -> list[Sample]:
+        raise NotImplementedError
+
+
+class Segmenter(Operator):
+    """A fan-out driven by every frame of a source video, fed while it is decoded.
+
+    `start(sample)` returns a `SegmentTracker`; the engine pushes each decoded frame to it in
+    order and closes shots as soon as the tracker reports cuts, so frames of finished shots are
+    released while the rest of the video is still being decoded.
+    """
+
+    def frame_size(self, width: int, height: int) -> tuple[int, int]:
+        """The (width, height) frames are scaled to before they are pushed."""
+        return width, height
+
+    def start(self, sample: Sample) -> "SegmentTracker":
+        raise NotImplementedError
+
+
+class SegmentTracker:
+    def push(self, index: int, frame: np.ndarray) -> list[int]:
+        """Feed frame `index` (BGR uint8); return cut indices confirmed so far (ascending)."""
+        raise NotImplementedError
+
+    def finish(self, num_frames: int) -> list[int]:
+        """No more frames; return any remaining cuts."""
+        raise NotImplementedError

@@ -1,0 +1,255 @@
+"""Processing one source: probe, metadata operators, one decode pass, per-shot operators.
+
+`process_source` is the unit of work that runners distribute. It never raises for bad input:
+every outcome (kept sample, dropped or failed sample, unreadable source) becomes a row, so
+that every input is accounted for.
+"""
+
+from __future__ import annotations
+
+import time
+import traceback
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+from .frames import BufferedFrames, FrameBuffer, FrameSource, RangeFrames
+from .operator import FanOut, Filter, Frames, FrameRequest, Mapper, Sample
+from .plan import Plan, Step
+from .samples import Drop, Dropped, SourceContext, clip_of
+from .schema import scores_json
+from .video import DecodeError, SourceError, decode, probe
+
+
+@dataclass
+class OpStats:
+    """Per operator: samples in, samples out, dropped, failed, seconds spent."""
+
+    n_in: int = 0
+    n_out: int = 0
+    dropped: int = 0
+    failed: int = 0
+    seconds: float = 0.0
+
+    def add(self, other: "OpStats") -> None:
+        self.n_in += other.n_in
+        self.n_out += other.n_out
+        self.dropped += other.dropped
+        self.failed += other.failed
+        self.seconds += other.seconds
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"in": self.n_in, "out": self.n_out, "dropped": self.dropped,
+                "failed": self.failed, "seconds": round(self.seconds, 4)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "OpStats":
+        return cls(d["in"], d["out"], d["dropped"], d["failed"], d["seconds"])
+
+
+@dataclass
+class SourceResult:
+    uri: str
+    kept: list[Sample] = field(default_factory=list)
+    rejects: list[dict[str, Any]] = field(default_factory=list)
+    ops: dict[str, OpStats] = field(default_factory=lambda: defaultdict(OpStats))
+    frames_decoded: int = 0
+    decode_seconds: float = 0.0
+    buffer_peak_bytes: int = 0
+
+    def reject(self, sample: Sample | None, step: str, status: str, reason: str,
+               scores: dict[str, Any] | None = None) -> None:
+        sample = sample or {}
+        self.rejects.append({
+            "sample_id": sample.get("sample_id"), "kind": sample.get("kind", "source"),
+            "source_uri": self.uri, "start_frame": sample.get("start_frame"),
+            "end_frame": sample.get("end_frame"), "status": status, "op": step,
+            "reason": reason, "scores": scores_json(scores or {}),
+        })
+
+    @property
+    def status(self) -> str:
+        """The source's own outcome: kept if any sample survived, else dropped or failed."""
+        if self.kept:
+            return "kept"
+        if any(r["status"] == "failed" for r in self.rejects):
+            return "failed"
+        return "dropped"
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "status": self.status, "ops": {k: v.to_dict() for k, v in self.ops.items()},
+            "frames_decoded": self.frames_decoded, "decode_seconds": round(self.decode_seconds, 4),
+            "buffer_peak_bytes": self.buffer_peak_bytes,
+        }
+
+
+class NoFrames:
+    def serve(self, sample: Sample, req: FrameRequest) -> Frames:
+        raise RuntimeError("an operator asked for frames where none are decoded")
+
+
+def run_steps(samples: list[Sample], steps: list[Step], frames: FrameSource,
+              ctx: SourceContext, result: SourceResult) -> list[Sample]:
+    """Run samples through operators in order; rejects go to `result`, survivors are returned."""
+    for step in steps:
+        op, stats = step.op, result.ops[step.label]
+        survivors: list[Sample] = []
+        for sample in samples:
+            if not op.applies_to(sample):
+                survivors.append(sample)
+                continue
+            stats.n_in += 1
+            started = time.perf_counter()
+            scores: dict[str, Any] = {}
+            try:
+                served = [frames.serve(sample, req) for req in op.frame_requests()]
+                if isinstance(op, Filter):
+                    scores = op.score(sample, served)
+                    sample.update(scores)
+                    decision = op.keep(scores)
+                    if decision is not True:
+                        raise Drop(decision if isinstance(decision, str) else f"rejected by {op.name}")
+                    out = [sample]
+                elif isinstance(op, FanOut):
+                    out, dropped_children = [], 0
+                    for child in op.split(sample, served):
+                        if isinstance(child, Dropped):
+                            ctx.finalize(child.sample)
+                            result.reject(child.sample, step.label, "dropped", child.reason)
+                            dropped_children += 1
+                        else:
+                            out.append(ctx.finalize(child))
+                    stats.dropped += dropped_children
+                    if not out and not dropped_children:
+                        raise Drop(f"{op.name} produced no samples")
+                elif isinstance(op, Mapper):
+                    out = [op.process(sample, served)]
+                else:
+                    raise TypeError(f"{type(op).__name__} is not a Mapper, Filter or FanOut")
+            except Drop as drop:
+                result.reject(sample, step.label, "dropped", str(drop), scores)
+                stats.dropped += 1
+                out = []
+            except Exception as exc:  # one bad sample must not stop the source
+                result.reject(sample, step.label, "failed", _describe(exc), scores)
+                stats.failed += 1
+                out = []
+            stats.seconds += time.perf_counter() - started
+            stats.n_out += len(out)
+            survivors.extend(out)
+        samples = survivors
+    return samples
+
+
+def process_source(plan: Plan, uri: str) -> SourceResult:
+    result = SourceResult(uri)
+    try:
+        info = probe(uri)
+    except SourceError as exc:
+        result.reject(None, "read", "failed", str(exc))
+        return result
+    except Exception as exc:
+        result.reject(None, "read", "failed", _describe(exc))
+        return result
+    limits = plan.limits
+    if info.width * info.height > limits.max_pixels:
+        result.reject(None, "limits", "dropped",
+                      f"frame size {info.width}x{info.height} exceeds limits.max_pixels={limits.max_pixels}")
+        return result
+    if info.duration > limits.max_duration:
+        result.reject(None, "limits", "dropped",
+                      f"duration {info.duration:.0f}s exceeds limits.max_duration={limits.max_duration:.0f}s")
+        return result
+    ctx = SourceContext(info, plan.recipe_key)
+    sources = run_steps([ctx.source_sample()], plan.pre, NoFrames(), ctx, result)
+    if not sources:
+        return result
+    if plan.segmenter is None and not plan.post_needs_frames:
+        result.kept = run_steps(sources, plan.post, NoFrames(), ctx, result)
+        return result
+    _decode_pass(plan, sources[0], ctx, result)
+    return result
+
+
+def _decode_pass(plan: Plan, source: Sample, ctx: SourceContext, result: SourceResult) -> None:
+    """One sequential decode; shots are processed as soon as the segmenter closes them."""
+    executor = plan.executor
+    buffer = FrameBuffer(executor.frame_buffer_mb << 20, plan.keep_short_side) if plan.post_needs_frames else None
+    pts_by_index: list[int | None] = []
+    segmenter = plan.segmenter
+    tracker = segmenter.op.start(source) if segmenter else None
+    seg_stats = result.ops[segmenter.label] if segmenter else None
+    detect_size = (0, 0)
+    shot_start = 0
+
+    def close_shot(end: int) -> None:
+        nonlocal shot_start
+        if end <= shot_start:
+            return
+        if buffer is not None and buffer.overflowed:
+            frames: FrameSource = RangeFrames(ctx.info.uri, pts_by_index, ctx.info.fps, ctx.rotation,
+                                              executor.decode_threads)
+        else:
+            frames = BufferedFrames(buffer.frames if buffer else {}, ctx.info.fps, ctx.rotation)
+        if tracker is not None:
+            shots = [ctx.finalize(clip_of(source, shot_start, end, within_parent=False))]
+            seg_stats.n_out += 1
+        else:
+            shots = [ctx.decoded(source)]
+        result.kept.extend(run_steps(shots, plan.post, frames, ctx, result))
+        if isinstance(frames, RangeFrames):
+            result.frames_decoded += frames.frames_decoded
+        if buffer is not None:
+            result.buffer_peak_bytes = max(result.buffer_peak_bytes, buffer.peak_bytes)
+            buffer.release_before(end)
+            buffer.start_shot()
+        shot_start = end
+
+    started = time.perf_counter()
+    error: DecodeError | None = None
+    try:
+        for decoded in decode(ctx.info.uri, executor.decode_threads):
+            if decoded.index == 0:
+                ctx.rotation = int(decoded.frame.rotation or 0) % 360
+                source = ctx.oriented(source)
+                if segmenter is not None:
+                    detect_size = segmenter.op.frame_size(decoded.frame.width, decoded.frame.height)
+            ctx.times.append(decoded.time)
+            pts_by_index.append(decoded.pts)
+            if buffer is not None:
+                buffer.add(decoded.index, decoded.frame, ctx.rotation)
+            if tracker is not None:
+                seg_started = time.perf_counter()
+                small = decoded.frame.reformat(width=detect_size[0], height=detect_size[1],
+                                               format="bgr24", interpolation="BILINEAR").to_ndarray()
+                cuts = tracker.push(decoded.index, small)
+                seg_stats.seconds += time.perf_counter() - seg_started
+                for cut in cuts:
+                    close_shot(cut)
+    except DecodeError as exc:
+        error = exc
+    except SourceError as exc:
+        result.reject(None, "decode", "failed", str(exc))
+        return
+    num_frames = len(ctx.times)
+    result.frames_decoded += num_frames
+    result.decode_seconds += time.perf_counter() - started - (seg_stats.seconds if seg_stats else 0.0)
+    if num_frames == 0:
+        result.reject(None, "decode", "failed", str(error) if error else "no frames could be decoded")
+        return
+    if error is not None:
+        result.reject({"kind": "source", "start_frame": error.index}, "decode", "failed",
+                      f"{error}; the frames before it were processed")
+    if tracker is not None:
+        seg_stats.n_in += 1
+        for cut in tracker.finish(num_frames):
+            close_shot(cut)
+    close_shot(num_frames)
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    where = traceback.extract_tb(exc.__traceback__)[-1] if exc.__traceback__ else None
+    at = f" ({where.filename.rsplit('/', 1)[-1]}:{where.lineno})" if where else ""
+    return f"{type(exc).__name__}: {text}{at}"

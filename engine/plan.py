@@ -1,0 +1,95 @@
+"""From a validated recipe to an execution plan: operator order checked, schema and ids fixed.
+
+A recipe runs in three parts per source: operators before the segmenter work on container
+metadata only (no decoding); the segmenter (`shot_split`) sees every frame during the one
+decode pass; operators after it run on each shot as soon as it closes, their frames served
+from that same pass.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+
+import pyarrow as pa
+
+from .operator import FanOut, Operator, Segmenter
+from .recipe import ExecutorConfig, LimitsConfig, Recipe, RecipeError
+from .schema import SCHEMA_VERSION, shard_schema
+
+
+@dataclass
+class Step:
+    index: int  # position in the recipe's process list
+    op: Operator
+
+    @property
+    def label(self) -> str:
+        return f"{self.index}:{self.op.name}"
+
+
+@dataclass
+class Plan:
+    steps: list[Step]
+    pre: list[Step]
+    segmenter: Step | None
+    post: list[Step]
+    schema: pa.Schema
+    recipe_key: str
+    executor: ExecutorConfig
+    limits: LimitsConfig
+
+    @property
+    def post_needs_frames(self) -> bool:
+        return any(step.op.needs_frames for step in self.post)
+
+    @property
+    def keep_short_side(self) -> int | None:
+        """Smallest frame size that serves every request (None: full size)."""
+        sizes = [r.short_side for s in self.post for r in s.op.frame_requests()]
+        if not sizes or any(size is None for size in sizes):
+            return None
+        return max(sizes)
+
+    def setup(self) -> None:
+        for step in self.steps:
+            step.op.setup()
+
+
+def build(recipe: Recipe) -> Plan:
+    steps = [Step(i, op) for i, op in enumerate(recipe.ops)]
+    seg_positions = [s.index for s in steps if isinstance(s.op, Segmenter)]
+    if len(seg_positions) > 1:
+        raise RecipeError(
+            f"{recipe.source}: process[{seg_positions[1]}] {steps[seg_positions[1]].op.name}: "
+            "only one segmenter per recipe"
+        )
+    segmenter = steps[seg_positions[0]] if seg_positions else None
+    cut = segmenter.index if segmenter else 0
+    pre, post = steps[:cut], steps[cut + 1 if segmenter else 0:]
+    for step in pre:
+        if step.op.needs_frames or isinstance(step.op, FanOut):
+            raise RecipeError(
+                f"{recipe.source}: process[{step.index}] {step.op.name}: must come after "
+                f"{segmenter.op.name} (before it only metadata filters and mappers run)"
+            )
+    outputs: dict[str, pa.DataType] = {}
+    for step in steps:
+        for name, dtype in step.op.outputs.items():
+            if outputs.get(name, dtype) != dtype:
+                raise RecipeError(f"{recipe.source}: process[{step.index}] {step.op.name}: "
+                                  f"column '{name}' already has type {outputs[name]}")
+            outputs[name] = dtype
+    try:
+        schema = shard_schema(outputs)
+    except ValueError as exc:
+        raise RecipeError(f"{recipe.source}: {exc}") from None
+    process = [{s.op.name: s.op.params.model_dump(mode="json")} for s in steps]
+    key = json.dumps({"schema": SCHEMA_VERSION, "process": process}, sort_keys=True)
+    return Plan(
+        steps=steps, pre=pre, segmenter=segmenter, post=post, schema=schema,
+        recipe_key=hashlib.sha1(key.encode()).hexdigest()[:16],
+        executor=recipe.executor, limits=recipe.model.limits,
+    )
+

@@ -1,0 +1,205 @@
+"""Recipes: YAML read with a safe loader, `--set` overrides, validated before any work starts.
+
+Shape (the `process:` list has the shape of Data-Juicer recipes)::
+
+    input: videos/            # folder, glob, list file (.txt) of paths/URIs, or a list of these
+    output: out/brickfilm
+    executor: {mode: ray}     # see ExecutorConfig
+    plugins: [my_ops.py]      # extra operator modules or files to import
+    process:
+      - shot_split: {detector: content}
+      - clip_length: {min_frames: 15, max_frames: 200}
+
+Every error is a `RecipeError` whose one-line message names the recipe and the item.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from . import registry
+from .operator import Operator
+
+
+class RecipeError(ValueError):
+    pass
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ExecutorConfig(_Strict):
+    mode: Literal["ray", "local"] = "ray"
+    """`ray` runs on Ray Data (embedded, or the cluster at `address`); `local` runs in-process."""
+    address: str | None = None
+    """Ray cluster address (e.g. `auto` or `ray://head:10001`); None starts Ray on this machine."""
+    num_cpus: int | None = Field(default=None, ge=1)
+    """CPUs for an embedded Ray; None uses all."""
+    cpus_per_source: float = Field(default=1.0, gt=0)
+    """CPUs reserved by each source's decode-and-process task."""
+    decode_threads: int = Field(default=0, ge=0)
+    """FFmpeg decoder threads per source (0 = FFmpeg's choice)."""
+    frame_buffer_mb: int = Field(default=1024, ge=16)
+    """Memory for the frames of one open shot; longer shots are decoded again instead."""
+    rows_per_shard: int = Field(default=1000, ge=1)
+    shard_mb: int = Field(default=256, ge=1)
+    """A shard closes at whichever of the two limits comes first (at a source boundary)."""
+
+
+class LimitsConfig(_Strict):
+    max_pixels: int = Field(default=4096 * 4096, ge=1)
+    """Sources with more pixels per frame are rejected before decoding."""
+    max_duration: float = Field(default=6 * 3600.0, gt=0)
+    """Sources longer than this (seconds) are rejected before decoding."""
+
+
+class RecipeModel(_Strict):
+    name: str | None = None
+    input: str | list[str]
+    output: str
+    plugins: list[str] = []
+    executor: ExecutorConfig = ExecutorConfig()
+    limits: LimitsConfig = LimitsConfig()
+    process: list[dict[str, dict[str, Any] | None]] = Field(min_length=1)
+
+
+class Recipe:
+    """A validated recipe: settings plus instantiated operators, in order."""
+
+    def __init__(self, model: RecipeModel, ops: list[Operator], source: str) -> None:
+        self.model = model
+        self.ops = ops
+        self.source = source
+
+    @property
+    def executor(self) -> ExecutorConfig:
+        return self.model.executor
+
+    def to_dict(self) -> dict[str, Any]:
+        data = self.model.model_dump(mode="json")
+        data["process"] = [{op.name: op.params.model_dump(mode="json")} for op in self.ops]
+        return data
+
+
+def parse_overrides(pairs: list[str]) -> list[tuple[list[str], Any]]:
+    out = []
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise RecipeError(f"--set {pair!r}: expected KEY=VALUE, e.g. executor.mode=local")
+        out.append((key.strip().split("."), yaml.safe_load(value) if value else None))
+    return out
+
+
+def apply_override(data: dict, path: list[str], value: Any, where: str) -> None:
+    node: Any = data
+    for i, part in enumerate(path):
+        last = i == len(path) - 1
+        dotted = ".".join(path[: i + 1])
+        if isinstance(node, list):
+            node_index = _list_index(node, part, f"{where}: --set {dotted}")
+            if last:
+                node[node_index] = value
+                return
+            node = node[node_index]
+        elif isinstance(node, dict):
+            if last:
+                node[part] = value
+                return
+            if node.get(part) is None:
+                node[part] = {}
+            node = node[part]
+        else:
+            raise RecipeError(f"{where}: --set {dotted}: cannot set a field inside a {type(node).__name__}")
+
+
+def _list_index(items: list, part: str, where: str) -> int:
+    """A list element by position or, in `process`, by operator name (first match)."""
+    if part.lstrip("-").isdigit():
+        index = int(part)
+        if not -len(items) <= index < len(items):
+            raise RecipeError(f"{where}: index out of range (the list has {len(items)} items)")
+        return index
+    names = [next(iter(item)) for item in items if isinstance(item, dict) and len(item) == 1]
+    if part in names:
+        return names.index(part)
+    raise RecipeError(f"{where}: no item named '{part}'{registry.suggest(part, names)}")
+
+
+def load(path: str | Path, overrides: list[str] = ()) -> Recipe:
+    path = Path(path)
+    where = str(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise RecipeError(f"{where}: cannot read recipe: {exc.strerror or exc}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        at = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        raise RecipeError(f"{where}: not valid YAML{at}: {getattr(exc, 'problem', exc)}") from None
+    if not isinstance(data, dict):
+        raise RecipeError(f"{where}: a recipe is a mapping with input, output and process")
+    for keys, value in parse_overrides(list(overrides)):
+        apply_override(data, keys, value, where)
+    return from_dict(data, where=where, base_dir=path.parent)
+
+
+def from_dict(data: dict, where: str = "<recipe>", base_dir: Path | None = None) -> Recipe:
+    try:
+        model = RecipeModel.model_validate(data)
+    except ValidationError as exc:
+        raise RecipeError(f"{where}: {_first_error(exc, RecipeModel)}") from None
+    for plugin in model.plugins:
+        try:
+            registry.load_plugin(plugin, base_dir)
+        except registry.RegistryError as exc:
+            raise RecipeError(f"{where}: plugins: {exc}") from None
+    ops = [_build_op(item, i, where) for i, item in enumerate(model.process)]
+    return Recipe(model, ops, where)
+
+
+def _build_op(item: dict[str, Any], index: int, where: str) -> Operator:
+    if len(item) != 1:
+        raise RecipeError(f"{where}: process[{index}]: each item is one `op_name: {{params}}` mapping")
+    name, params = next(iter(item.items()))
+    at = f"{where}: process[{index}] {name}"
+    try:
+        cls = registry.get(name)
+    except registry.RegistryError as exc:
+        raise RecipeError(f"{where}: process[{index}]: {exc}") from None
+    try:
+        return cls(cls.Params.model_validate(params or {}))
+    except ValidationError as exc:
+        raise RecipeError(f"{at}: {_first_error(exc, cls.Params)}") from None
+
+
+def _first_error(exc: ValidationError, model: type[BaseModel]) -> str:
+    err = exc.errors()[0]
+    loc = ".".join(str(p) for p in err["loc"])
+    if err["type"] == "extra_forbidden":
+        field = str(err["loc"][-1])
+        known = _fields_at(model, err["loc"][:-1])
+        return f"unknown parameter '{loc}'{registry.suggest(field, known)}"
+    if err["type"] == "missing":
+        return f"missing required field '{loc}'"
+    got = err.get("input")
+    got_text = f" (got {got!r})" if not isinstance(got, (dict, list)) else ""
+    return f"'{loc}': {err['msg']}{got_text}" if loc else f"{err['msg']}{got_text}"
+
+
+def _fields_at(model: type[BaseModel], loc: tuple) -> list[str]:
+    for part in loc:
+        field = model.model_fields.get(str(part)) if isinstance(part, str) else None
+        annotation = getattr(field, "annotation", None)
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            model = annotation
+        else:
+            return list(model.model_fields)
+    return list(model.model_fields)

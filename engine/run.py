@@ -1,0 +1,113 @@
+"""Running a recipe end to end: sources in, shards, rejects and a manifest out; resumable."""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any, Callable
+
+import pyarrow as pa
+
+from . import plan as plan_mod
+from .inputs import list_sources
+from .output import Progress, ShardWriter, prepare, write_atomic
+from .recipe import Recipe
+from .runners import run_local, run_ray, split_result
+from .schema import SCHEMA_VERSION
+
+VERSIONED = ("bricks", "av", "scenedetect", "opencv-python", "pyarrow", "ray", "numpy", "pydantic")
+
+
+@dataclass
+class SourceDone:
+    """What a progress display hears after each source."""
+
+    uri: str
+    status: str
+    kept: int
+    rejected: int
+    frames: int
+
+
+def run(recipe: Recipe, *, overwrite: bool = False, mode: str | None = None,
+        on_start: Callable[[int, int], None] | None = None,
+        on_source: Callable[[SourceDone], None] | None = None) -> dict[str, Any]:
+    """Run `recipe`; returns the manifest. Sources already committed in the output are skipped."""
+    started = time.time()
+    plan = plan_mod.build(recipe)
+    sources = list_sources(recipe.model.input)
+    out = Path(recipe.model.output)
+    progress = prepare(out, plan.recipe_key, overwrite)
+    todo = [(i, uri) for i, uri in enumerate(sources) if uri not in progress.done_sources]
+    if on_start:
+        on_start(len(sources), len(sources) - len(todo))
+    ex = plan.executor
+    writer = ShardWriter(out, plan.schema, progress, ex.rows_per_shard, ex.shard_mb << 20)
+    runner = run_ray if (mode or ex.mode) == "ray" else run_local
+    pending: dict[int, list[pa.Table]] = {}
+    if todo:
+        for table in runner(plan, todo):
+            for index in sorted(set(table.column("_source_index").to_pylist())):
+                part = table.filter(pa.compute.equal(table.column("_source_index"), index))
+                pending.setdefault(index, []).append(part)
+                rows = sum(t.num_rows for t in pending[index])
+                if rows == part.column("_source_rows")[0].as_py():
+                    _complete(plan, writer, pa.concat_tables(pending.pop(index)), on_source)
+    writer.commit()
+    if pending:
+        raise RuntimeError(f"internal error: {len(pending)} sources returned incomplete results")
+    manifest = build_manifest(recipe, plan, progress, len(sources), len(sources) - len(todo), started)
+    write_atomic(out / "manifest.json", json.dumps(manifest, indent=2))
+    return manifest
+
+
+def _complete(plan, writer: ShardWriter, table: pa.Table, on_source) -> None:
+    stats_cell = next(s for s in table.column("_stats").to_pylist() if s is not None)
+    stats = json.loads(stats_cell)
+    kept, rejects = split_result(plan, table)
+    writer.add(stats["uri"], kept, rejects, stats)
+    if on_source:
+        on_source(SourceDone(stats["uri"], stats["status"], kept.num_rows, rejects.num_rows,
+                             stats["frames_decoded"]))
+
+
+def build_manifest(recipe: Recipe, plan, progress: Progress, total: int, resumed: int,
+                   started: float) -> dict[str, Any]:
+    ops = []
+    for step in plan.steps:
+        stats = progress.ops.get(step.label)
+        entry = {"index": step.index, "name": step.op.name}
+        entry.update(stats.to_dict() if stats else {"in": 0, "out": 0, "dropped": 0, "failed": 0, "seconds": 0.0})
+        ops.append(entry)
+    status = progress.source_status
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "recipe": recipe.to_dict(),
+        "recipe_key": plan.recipe_key,
+        "versions": _versions(),
+        "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "elapsed_seconds": round(time.time() - started, 3),
+        "sources": {"total": total, "done": len(progress.done_sources), "skipped_as_done": resumed, **status},
+        "accounted": sum(status.values()) == len(progress.done_sources),
+        "samples": dict(progress.samples, total=sum(progress.samples.values())),
+        "rejects": progress.rejects,
+        "ops": ops,
+        "decode": {"frames": progress.frames_decoded, "seconds": round(progress.decode_seconds, 3)},
+        "shards": progress.shards,
+        "columns": {f.name: str(f.type) for f in plan.schema},
+    }
+
+
+def _versions() -> dict[str, str]:
+    found = {"python": platform.python_version()}
+    for name in VERSIONED:
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            pass
+    return found

@@ -1,0 +1,121 @@
+"""Runners: where `process_source` runs. In-process (debugging, tests) or on Ray Data.
+
+Both yield the same thing, one Arrow table per source: its kept samples and its rejects as
+rows, with `_`-prefixed bookkeeping columns (source index, row count, status, reason, stats),
+so Ray and in-process runs produce identical shards.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from typing import Iterator
+
+import pyarrow as pa
+
+from .pipeline import SourceResult, process_source
+from .plan import Plan
+from .recipe import ExecutorConfig
+from .schema import REJECT_COLUMNS
+
+log = logging.getLogger("bricks")
+
+INTERNAL = {
+    "_source_index": pa.int64(),
+    "_source_rows": pa.int64(),
+    "_status": pa.string(),
+    "_op": pa.string(),
+    "_reason": pa.string(),
+    "_scores": pa.string(),
+    "_stats": pa.string(),
+}
+
+
+def result_schema(plan: Plan) -> pa.Schema:
+    return pa.schema(list(plan.schema) + [pa.field(n, t) for n, t in INTERNAL.items()])
+
+
+def result_table(plan: Plan, index: int, result: SourceResult) -> pa.Table:
+    rows = [dict(s, _status="kept") for s in result.kept]
+    for r in result.rejects:
+        rows.append({
+            "sample_id": r["sample_id"], "kind": r["kind"], "source_uri": r["source_uri"],
+            "start_frame": r["start_frame"], "end_frame": r["end_frame"], "_status": r["status"],
+            "_op": r["op"], "_reason": r["reason"], "_scores": r["scores"],
+        })
+    if not rows:  # e.g. every sample went through an operator that keeps nothing
+        rows.append({"source_uri": result.uri, "kind": "source", "_status": "dropped",
+                     "_op": "pipeline", "_reason": "no samples were produced"})
+    for row in rows:
+        row["_source_index"] = index
+        row["_source_rows"] = len(rows)
+    rows[0]["_stats"] = json.dumps(dict(result.stats(), uri=result.uri))
+    schema = result_schema(plan)
+    return pa.table({f.name: [row.get(f.name) for row in rows] for f in schema}, schema=schema)
+
+
+def split_result(plan: Plan, table: pa.Table) -> tuple[pa.Table, pa.Table]:
+    """(kept rows in the shard schema, reject rows in the rejects schema)."""
+    status = table.column("_status")
+    kept_mask = pa.compute.equal(status, "kept")
+    kept = table.filter(kept_mask).select(plan.schema.names).cast(plan.schema)
+    rej = table.filter(pa.compute.invert(kept_mask))
+    rejects = pa.table({
+        "sample_id": rej.column("sample_id"), "kind": rej.column("kind"),
+        "source_uri": rej.column("source_uri"), "start_frame": rej.column("start_frame"),
+        "end_frame": rej.column("end_frame"), "status": rej.column("_status"),
+        "op": rej.column("_op"), "reason": rej.column("_reason"), "scores": rej.column("_scores"),
+    }).cast(pa.schema([pa.field(n, t) for n, t in REJECT_COLUMNS.items()]))
+    return kept, rejects
+
+
+def _process(plan: Plan, index: int, uri: str) -> pa.Table:
+    return result_table(plan, index, process_source(plan, uri))
+
+
+def run_local(plan: Plan, sources: list[tuple[int, str]]) -> Iterator[pa.Table]:
+    plan.setup()
+    for index, uri in sources:
+        yield _process(plan, index, uri)
+
+
+def _ray_batch(batch: pa.Table, plan: Plan) -> pa.Table:
+    # Operators' setup is cheap and idempotent for CPU operators; model operators run in
+    # actor pools of their own.
+    plan.setup()
+    tables = [_process(plan, index, uri) for index, uri in
+              zip(batch.column("index").to_pylist(), batch.column("uri").to_pylist())]
+    return pa.concat_tables(tables)
+
+
+def init_ray(executor: ExecutorConfig) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    kwargs = dict(include_dashboard=False, logging_level=logging.WARNING, log_to_driver=True)
+    if executor.address:
+        ray.init(address=executor.address, **kwargs)
+    else:
+        ray.init(num_cpus=executor.num_cpus, **kwargs)
+
+
+def run_ray(plan: Plan, sources: list[tuple[int, str]]) -> Iterator[pa.Table]:
+    import ray
+    from ray import cloudpickle
+
+    from . import registry
+
+    init_ray(plan.executor)
+    for module in registry.file_plugin_modules():
+        cloudpickle.register_pickle_by_value(module)  # workers cannot import a recipe's .py plug-ins
+    context = ray.data.DataContext.get_current()
+    context.execution_options.preserve_order = True  # same shard contents as an in-process run
+    context.enable_progress_bars = False  # bricks-dj shows its own progress
+    items = [{"index": i, "uri": u} for i, u in sources]
+    ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items), 4096)))
+    ds = ds.map_batches(_ray_batch, fn_kwargs={"plan": plan}, batch_size=1, batch_format="pyarrow",
+                        num_cpus=plan.executor.cpus_per_source)
+    yield from ds.iter_batches(batch_size=None, batch_format="pyarrow")

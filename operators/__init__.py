@@ -1,0 +1,10 @@
+"""Built-in operators, one per module; importing this package registers them all."""
+
+from . import (  # noqa: F401  (imported for registration)
+    clip_length,
+    encode_clips,
+    metadata_filters,
+    middle_frame,
+    motion_filter,
+    shot_split,
+)

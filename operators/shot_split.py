@@ -1,0 +1,81 @@
+"""`shot_split`: cut a source video into shots with PySceneDetect's detectors.
+
+The detectors are PySceneDetect's own; the engine feeds them the frames of its single decode
+pass, scaled in libswscale to the size PySceneDetect's `detect()` would use (its automatic
+downscale to about 256 px on the long side), so the cut list equals what `detect()` gives.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import numpy as np
+from scenedetect import AdaptiveDetector, ContentDetector, ThresholdDetector
+from scenedetect.common import FrameTimecode
+
+from bricks.engine.operator import OperatorParams, SegmentTracker, Segmenter
+from bricks.engine.registry import register
+
+# PySceneDetect's default effective width for automatic downscaling.
+DETECT_WIDTH = 256
+
+
+class ShotSplitParams(OperatorParams):
+    detector: Literal["content", "adaptive", "threshold"] = "content"
+    threshold: float | None = None
+    """Cut threshold; None keeps the detector's default (content 27, adaptive 3.0 as the
+    ratio to neighbouring frames, threshold 12 on mean brightness)."""
+    min_scene_len: int = 15
+    """Frames a shot must last before another cut is allowed (PySceneDetect's default)."""
+    min_content_val: float = 15.0
+    """Adaptive detector only: minimum content score for a cut."""
+
+
+@register
+class ShotSplit(Segmenter):
+    name = "shot_split"
+    description = "Split a video into shots with PySceneDetect (content, adaptive or threshold detector)."
+    Params = ShotSplitParams
+
+    def frame_size(self, width: int, height: int) -> tuple[int, int]:
+        longest = max(width, height)
+        if longest < DETECT_WIDTH:
+            return width, height
+        factor = longest / DETECT_WIDTH
+        return max(1, round(width / factor)), max(1, round(height / factor))
+
+    def make_detector(self):
+        p = self.params
+        if p.detector == "content":
+            kwargs = {} if p.threshold is None else {"threshold": p.threshold}
+            return ContentDetector(min_scene_len=p.min_scene_len, **kwargs)
+        if p.detector == "adaptive":
+            kwargs = {} if p.threshold is None else {"adaptive_threshold": p.threshold}
+            return AdaptiveDetector(min_scene_len=p.min_scene_len, min_content_val=p.min_content_val, **kwargs)
+        kwargs = {} if p.threshold is None else {"threshold": p.threshold}
+        return ThresholdDetector(min_scene_len=p.min_scene_len, **kwargs)
+
+    def start(self, sample) -> SegmentTracker:
+        return _DetectorTracker(self.make_detector(), sample["fps"])
+
+
+class _DetectorTracker(SegmentTracker):
+    def __init__(self, detector, fps: float) -> None:
+        self.detector = detector
+        self.fps = fps
+        self.last_cut = 0
+
+    def _accept(self, timecodes) -> list[int]:
+        cuts = []
+        for frame in sorted(tc.frame_num for tc in timecodes):
+            if frame > self.last_cut:  # PySceneDetect de-duplicates and sorts its cut list too
+                cuts.append(frame)
+                self.last_cut = frame
+        return cuts
+
+    def push(self, index: int, frame: np.ndarray) -> list[int]:
+        return self._accept(self.detector.process_frame(FrameTimecode(index, self.fps), frame))
+
+    def finish(self, num_frames: int) -> list[int]:
+        cuts = self._accept(self.detector.post_process(FrameTimecode(num_frames - 1, self.fps)))
+        return [c for c in cuts if c < num_frames]
