@@ -62,7 +62,7 @@ def run(recipe: str, overrides: tuple[str, ...], address: str | None, local: boo
     console = Console()
     console.print(summary_table(manifest))
     console.print(f"output: {loaded.model.output}")
-    failed = manifest["sources"]["failed"] + manifest["rejects"]["failed"]
+    failed = manifest["rejects"]["failed"]  # failed sources are rows of the rejects table too
     if strict and failed:
         click.echo(f"bricks-dj: {failed} failures (see {loaded.model.output}/rejects)", err=True)
         sys.exit(1)
@@ -126,3 +126,7 @@ def demo(workdir: str, num_videos: int, recipe_path: str, local: bool, overrides
     ctx = click.get_current_context()
     ctx.invoke(run, recipe=recipe_path, local=local, address=None, overwrite=True, strict=True,
                overrides=(f"input={videos}", f"output={Path(workdir) / 'out'}", *overrides))
+
+
+if __name__ == "__main__":
+    main()

@@ -3,8 +3,8 @@
 The decode pass keeps the frames of the shot still open in a `FrameBuffer` (PyAV frames,
 scaled down in libswscale when no operator wants full size). When the shot closes, its clips'
 requests are resolved to frame indices and converted (scale, pixel format, rotation) from
-the buffer. A shot whose frames outgrow the memory budget is dropped from the buffer and its
-requests are served afterwards by decoding just that range again (`RangeFrames`).
+the buffer. When a shot outgrows the memory budget its frames are given up, and requests
+that need them are served by decoding just that range again (`RangeFrames`).
 """
 
 from __future__ import annotations
@@ -56,7 +56,9 @@ def to_array(frame: av.VideoFrame, req: FrameRequest, rotation: int) -> np.ndarr
     fmt = req.pixel_format
     if (cw, ch) != (frame.width, frame.height) or frame.format.name != fmt:
         frame = frame.reformat(width=cw, height=ch, format=fmt, interpolation="AREA")
-    array = frame.to_ndarray()
+    # to_ndarray() is a view into the frame's buffer, which FFmpeg may recycle once the frame
+    # object is gone: own the pixels.
+    array = np.array(frame.to_ndarray(), copy=True)
     return rotate(array, rotation)
 
 
@@ -79,7 +81,7 @@ class FrameBuffer:
         self.frames: dict[int, av.VideoFrame] = {}
         self.bytes = 0
         self.peak_bytes = 0
-        self.overflowed = False  # frames of the open shot were given up
+        self.overflowed = False  # frames of the open shot are being given up
 
     def add(self, index: int, frame: av.VideoFrame, rotation: int) -> None:
         if self.overflowed:
@@ -108,16 +110,21 @@ class FrameBuffer:
         self.bytes = 0
 
     def start_shot(self) -> None:
+        # Frames of the next shot that arrived before this call were not kept; requests that
+        # need them go to the fallback.
         self.overflowed = False
 
 
 class BufferedFrames:
-    """Serves requests from frames held in memory (decoded frames or attached images)."""
+    """Serves requests from frames held in memory, or from `fallback` (a `RangeFrames`) for
+    requests whose frames the buffer gave up."""
 
-    def __init__(self, frames: dict[int, av.VideoFrame], fps: float, rotation: int) -> None:
+    def __init__(self, frames: dict[int, av.VideoFrame], fps: float, rotation: int,
+                 fallback: "RangeFrames | None" = None) -> None:
         self.frames = frames
         self.fps = fps
         self.rotation = rotation
+        self.fallback = fallback
         self._cache: dict[tuple, np.ndarray] = {}
 
     def serve(self, sample: Sample, req: FrameRequest) -> Frames:
@@ -125,6 +132,8 @@ class BufferedFrames:
         if image is not None:
             return serve_image(image, req)
         indices = request_indices(req, sample["start_frame"], sample["end_frame"], self.fps)
+        if self.fallback is not None and any(i not in self.frames for i in indices):
+            return self.fallback.serve(sample, req)
         return Frames(indices, [self._array(i, req) for i in indices])
 
     def _array(self, index: int, req: FrameRequest) -> np.ndarray:

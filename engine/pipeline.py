@@ -187,19 +187,15 @@ def _decode_pass(plan: Plan, source: Sample, ctx: SourceContext, result: SourceR
         nonlocal shot_start
         if end <= shot_start:
             return
-        if buffer is not None and buffer.overflowed:
-            frames: FrameSource = RangeFrames(ctx.info.uri, pts_by_index, ctx.info.fps, ctx.rotation,
-                                              executor.decode_threads)
-        else:
-            frames = BufferedFrames(buffer.frames if buffer else {}, ctx.info.fps, ctx.rotation)
+        fallback = RangeFrames(ctx.info.uri, pts_by_index, ctx.info.fps, ctx.rotation, executor.decode_threads)
+        frames = BufferedFrames(buffer.frames if buffer else {}, ctx.info.fps, ctx.rotation, fallback)
         if tracker is not None:
             shots = [ctx.finalize(clip_of(source, shot_start, end, within_parent=False))]
             seg_stats.n_out += 1
         else:
             shots = [ctx.decoded(source)]
         result.kept.extend(run_steps(shots, plan.post, frames, ctx, result))
-        if isinstance(frames, RangeFrames):
-            result.frames_decoded += frames.frames_decoded
+        result.frames_decoded += fallback.frames_decoded
         if buffer is not None:
             result.buffer_peak_bytes = max(result.buffer_peak_bytes, buffer.peak_bytes)
             buffer.release_before(end)

@@ -103,10 +103,15 @@ def apply_override(data: dict, path: list[str], value: Any, where: str) -> None:
         dotted = ".".join(path[: i + 1])
         if isinstance(node, list):
             node_index = _list_index(node, part, f"{where}: --set {dotted}")
+            by_name = not part.lstrip("-").isdigit()
             if last:
-                node[node_index] = value
+                node[node_index] = {part: value} if by_name else value
                 return
             node = node[node_index]
+            if by_name:  # `process.motion_filter.min_score`: straight to the parameters
+                if node[part] is None:
+                    node[part] = {}
+                node = node[part]
         elif isinstance(node, dict):
             if last:
                 node[part] = value

@@ -60,12 +60,16 @@ def encode_mp4(arrays, fps: float, params: EncodeParams) -> bytes:
     height, width = (d - d % 2 for d in arrays[0].shape[:2])
     arrays = [a[:height, :width] for a in arrays]
     buffer = io.BytesIO()
-    with av.open(buffer, "w", format="mp4", options={"movflags": "+faststart"}) as container:
-        stream = container.add_stream(params.codec, rate=Fraction(fps).limit_denominator(100000))
+    with av.open(buffer, "w", format="mp4") as container:
+        rate = Fraction(fps).limit_denominator(100000)
+        stream = container.add_stream(params.codec, rate=rate)
         stream.height, stream.width = height, width
         stream.pix_fmt = "yuv420p"
         stream.options = {"crf": str(params.crf), "preset": params.preset}
-        for array in arrays:
-            container.mux(stream.encode(av.VideoFrame.from_ndarray(array, format="rgb24")))
+        for pts, array in enumerate(arrays):
+            frame = av.VideoFrame.from_ndarray(array, format="rgb24")
+            frame.pts = pts
+            frame.time_base = 1 / rate
+            container.mux(stream.encode(frame))
         container.mux(stream.encode(None))
     return buffer.getvalue()
