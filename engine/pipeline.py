@@ -168,7 +168,10 @@ def process_source(plan: Plan, uri: str) -> SourceResult:
     if plan.segmenter is None and not plan.post_needs_frames:
         result.kept = run_steps(sources, plan.post, NoFrames(), ctx, result)
         return result
-    _decode_pass(plan, sources[0], ctx, result)
+    try:
+        _decode_pass(plan, sources[0], ctx, result)
+    except Exception as exc:  # e.g. a segmenter bug: the source fails, the run goes on
+        result.reject(None, "decode", "failed", _describe(exc))
     return result
 
 
@@ -182,11 +185,13 @@ def _decode_pass(plan: Plan, source: Sample, ctx: SourceContext, result: SourceR
     seg_stats = result.ops[segmenter.label] if segmenter else None
     detect_size = (0, 0)
     shot_start = 0
+    shot_seconds = 0.0  # spent in per-shot operators, not decoding
 
     def close_shot(end: int) -> None:
-        nonlocal shot_start
+        nonlocal shot_start, shot_seconds
         if end <= shot_start:
             return
+        shot_started = time.perf_counter()
         fallback = RangeFrames(ctx.info.uri, pts_by_index, ctx.info.fps, ctx.rotation, executor.decode_threads)
         frames = BufferedFrames(buffer.frames if buffer else {}, ctx.info.fps, ctx.rotation, fallback)
         if tracker is not None:
@@ -201,6 +206,7 @@ def _decode_pass(plan: Plan, source: Sample, ctx: SourceContext, result: SourceR
             buffer.release_before(end)
             buffer.start_shot()
         shot_start = end
+        shot_seconds += time.perf_counter() - shot_started
 
     started = time.perf_counter()
     error: DecodeError | None = None
@@ -230,7 +236,8 @@ def _decode_pass(plan: Plan, source: Sample, ctx: SourceContext, result: SourceR
         return
     num_frames = len(ctx.times)
     result.frames_decoded += num_frames
-    result.decode_seconds += time.perf_counter() - started - (seg_stats.seconds if seg_stats else 0.0)
+    elapsed = time.perf_counter() - started
+    result.decode_seconds += elapsed - shot_seconds - (seg_stats.seconds if seg_stats else 0.0)
     if num_frames == 0:
         result.reject(None, "decode", "failed", str(error) if error else "no frames could be decoded")
         return

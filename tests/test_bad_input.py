@@ -43,8 +43,9 @@ def test_bad_inputs_are_reported_and_the_run_goes_on(tmp_path, bad_inputs):
         assert status == "failed" and op == "read" and text in reason, (name, reason)
     (status, _, reason), = reasons[str(tmp_path / "missing.mp4")]
     assert status == "failed" and "file not found" in reason
-    # Garbage in the middle of the stream: FFmpeg conceals what it can; whatever happens, the
-    # source has an outcome and the good video is unaffected.
+    # Garbage in the middle of the stream: the shots before it are kept, the rest is reported.
+    (status, op, reason), = reasons[str(bad_inputs["corrupt"])]
+    assert (status, op) == ("failed", "decode") and "the frames before it were processed" in reason
     good_rows = [r for r in read_shards(out).to_pylist() if r["source_uri"] == str(bad_inputs["good"])]
     assert good_rows
     sources = manifest["sources"]
@@ -113,3 +114,20 @@ def test_variable_frame_rate_uses_presentation_times(tmp_path):
     for row in rows:
         assert row["start_time"] == pytest.approx(times[row["start_frame"]] - times[0], abs=1e-3)
     assert rows[-1]["end_time"] > rows[-1]["start_time"]
+
+
+def test_a_crashing_segmenter_fails_only_its_source(tmp_path, corpus):
+    plugin = tmp_path / "crash.py"
+    plugin.write_text(
+        "from bricks.engine.operator import Segmenter, SegmentTracker\nfrom bricks.engine.registry import register\n"
+        "class Tracker(SegmentTracker):\n    def push(self, index, frame):\n"
+        "        if index == 5:\n            raise RuntimeError('detector broke')\n        return []\n"
+        "    def finish(self, n):\n        return []\n"
+        "@register\nclass Crash(Segmenter):\n    name = 'crashing_segmenter'\n    description = 'fails at frame 5'\n"
+        "    def start(self, sample):\n        return Tracker()\n")
+    out = tmp_path / "out"
+    manifest = run(from_dict({"input": str(corpus[0]), "output": str(out), "executor": {"mode": "local"},
+                              "plugins": [str(plugin)], "process": [{"crashing_segmenter": {}}]}))
+    assert manifest["sources"]["failed"] == 3 and manifest["accounted"]
+    reasons = read_rejects(out).column("reason").to_pylist()
+    assert all(r.startswith("RuntimeError: detector broke") for r in reasons)
