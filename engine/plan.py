@@ -52,6 +52,11 @@ class Plan:
             return None
         return max(sizes)
 
+    @property
+    def cpus_per_source(self) -> float:
+        declared = [step.op.resources.cpus for step in self.steps]
+        return self.executor.cpus_per_source or max(declared, default=1.0)
+
     def setup(self) -> None:
         for step in self.steps:
             step.op.setup()

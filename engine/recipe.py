@@ -40,8 +40,9 @@ class ExecutorConfig(_Strict):
     """Ray cluster address (e.g. `auto` or `ray://head:10001`); None starts Ray on this machine."""
     num_cpus: int | None = Field(default=None, ge=1)
     """CPUs for an embedded Ray; None uses all."""
-    cpus_per_source: float = Field(default=1.0, gt=0)
-    """CPUs reserved by each source's decode-and-process task."""
+    cpus_per_source: float | None = Field(default=None, gt=0)
+    """CPUs reserved by each source's decode-and-process task; None takes the largest
+    `resources.cpus` that the recipe's operators declare."""
     decode_threads: int = Field(default=0, ge=0)
     """FFmpeg decoder threads per source (0 = FFmpeg's choice)."""
     frame_buffer_mb: int = Field(default=1024, ge=16)

@@ -117,5 +117,5 @@ def run_ray(plan: Plan, sources: list[tuple[int, str]]) -> Iterator[pa.Table]:
     items = [{"index": i, "uri": u} for i, u in sources]
     ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items), 4096)))
     ds = ds.map_batches(_ray_batch, fn_kwargs={"plan": plan}, batch_size=1, batch_format="pyarrow",
-                        num_cpus=plan.executor.cpus_per_source)
+                        num_cpus=plan.cpus_per_source)
     yield from ds.iter_batches(batch_size=None, batch_format="pyarrow")

@@ -1,1 +1,1 @@
-"""placeholder"""
+"""`bricks-train`: streaming shards into STDiT2 training: not built yet."""
