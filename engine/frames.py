@@ -15,6 +15,7 @@ from typing import Iterable, Protocol
 import av
 import cv2
 import numpy as np
+from av.video.reformatter import VideoReformatter
 
 from .operator import FrameRequest, Frames, Sample
 
@@ -48,14 +49,26 @@ def display_size(width: int, height: int, rotation: int) -> tuple[int, int]:
     return (height, width) if rotation % 180 else (width, height)
 
 
-def to_array(frame: av.VideoFrame, req: FrameRequest, rotation: int) -> np.ndarray:
+def scaler() -> VideoReformatter:
+    """One libswscale context per stream of frames: `VideoFrame.reformat` would build (and
+    tear down, with a thread pool) a new one for every frame, which costs more than decoding."""
+    return VideoReformatter()
+
+
+def reformat(reformatter: VideoReformatter, frame: av.VideoFrame, width: int, height: int,
+             fmt: str | None, interpolation: str = "AREA") -> av.VideoFrame:
+    return reformatter.reformat(frame, width=width, height=height, format=fmt,
+                                interpolation=interpolation, threads=1)
+
+
+def to_array(frame: av.VideoFrame, req: FrameRequest, rotation: int, reformatter: VideoReformatter) -> np.ndarray:
     """Scale in libswscale (not on a full-size array), convert, then apply display rotation."""
     dw, dh = display_size(frame.width, frame.height, rotation)
     tw, th = scaled_size(dw, dh, req.short_side)
     cw, ch = display_size(tw, th, rotation)  # back to coded orientation
     fmt = req.pixel_format
     if (cw, ch) != (frame.width, frame.height) or frame.format.name != fmt:
-        frame = frame.reformat(width=cw, height=ch, format=fmt, interpolation="AREA")
+        frame = reformat(reformatter, frame, cw, ch, fmt)
     # to_ndarray() is a view into the frame's buffer, which FFmpeg may recycle once the frame
     # object is gone: own the pixels.
     array = np.array(frame.to_ndarray(), copy=True)
@@ -82,6 +95,7 @@ class FrameBuffer:
         self.bytes = 0
         self.peak_bytes = 0
         self.overflowed = False  # frames of the open shot are being given up
+        self._scaler = scaler()
 
     def add(self, index: int, frame: av.VideoFrame, rotation: int) -> None:
         if self.overflowed:
@@ -90,7 +104,7 @@ class FrameBuffer:
             dw, dh = display_size(frame.width, frame.height, rotation)
             tw, th = display_size(*scaled_size(dw, dh, self.keep_short_side), rotation)
             if (tw, th) != (frame.width, frame.height):
-                frame = frame.reformat(width=tw, height=th, interpolation="AREA")
+                frame = reformat(self._scaler, frame, tw, th, None)
         size = sum(p.buffer_size for p in frame.planes)
         if self.bytes + size > self.budget_bytes:
             self.clear()
@@ -126,6 +140,7 @@ class BufferedFrames:
         self.rotation = rotation
         self.fallback = fallback
         self._cache: dict[tuple, np.ndarray] = {}
+        self._scaler = scaler()
 
     def serve(self, sample: Sample, req: FrameRequest) -> Frames:
         image = sample.get("_image")
@@ -143,7 +158,7 @@ class BufferedFrames:
                 frame = self.frames[index]
             except KeyError:
                 raise LookupError(f"frame {index} was not decoded (source ended early?)") from None
-            self._cache[key] = to_array(frame, req, self.rotation)
+            self._cache[key] = to_array(frame, req, self.rotation, self._scaler)
         return self._cache[key]
 
 
@@ -185,6 +200,7 @@ class RangeFrames:
         self.rotation = rotation
         self.threads = threads
         self.frames_decoded = 0
+        self._scaler = scaler()
 
     def serve(self, sample: Sample, req: FrameRequest) -> Frames:
         image = sample.get("_image")
@@ -195,7 +211,7 @@ class RangeFrames:
         found: dict[int, np.ndarray] = {}
         for index, frame in self._decode_from(min(indices)):
             if index in wanted:
-                found[index] = to_array(frame, req, self.rotation)
+                found[index] = to_array(frame, req, self.rotation, self._scaler)
             if index >= max(indices):
                 break
         missing = wanted - set(found)

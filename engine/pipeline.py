@@ -13,7 +13,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
 
-from .frames import BufferedFrames, FrameBuffer, FrameSource, RangeFrames
+from .frames import BufferedFrames, FrameBuffer, FrameSource, RangeFrames, reformat, scaler
 from .operator import FanOut, Filter, Frames, FrameRequest, Mapper, Sample
 from .plan import Plan, Step
 from .samples import Drop, Dropped, SourceContext, clip_of
@@ -184,6 +184,7 @@ def _decode_pass(plan: Plan, source: Sample, ctx: SourceContext, result: SourceR
     tracker = segmenter.op.start(source) if segmenter else None
     seg_stats = result.ops[segmenter.label] if segmenter else None
     detect_size = (0, 0)
+    detect_scaler = scaler()
     shot_start = 0
     shot_seconds = 0.0  # spent in per-shot operators, not decoding
 
@@ -223,8 +224,7 @@ def _decode_pass(plan: Plan, source: Sample, ctx: SourceContext, result: SourceR
                 buffer.add(decoded.index, decoded.frame, ctx.rotation)
             if tracker is not None:
                 seg_started = time.perf_counter()
-                small = decoded.frame.reformat(width=detect_size[0], height=detect_size[1],
-                                               format="bgr24", interpolation="BILINEAR").to_ndarray()
+                small = reformat(detect_scaler, decoded.frame, *detect_size, "bgr24", "BILINEAR").to_ndarray()
                 cuts = tracker.push(decoded.index, small)
                 seg_stats.seconds += time.perf_counter() - seg_started
                 for cut in cuts:

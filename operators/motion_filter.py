@@ -18,7 +18,7 @@ from bricks.engine.registry import register
 
 class MotionParams(OperatorParams):
     sampling_fps: float = Field(default=2.0, gt=0)
-    short_side: int | None = Field(default=256, ge=16)
+    short_side: int | None = Field(default=128, ge=16)
     """Frames are scaled to this short side before flow (None: as decoded)."""
     relative: bool = False
     """Divide magnitudes by the frame diagonal, making scores independent of size."""
