@@ -114,6 +114,7 @@ def run_ray(plan: Plan, sources: list[tuple[int, str]]) -> Iterator[pa.Table]:
     context = ray.data.DataContext.get_current()
     context.execution_options.preserve_order = True  # same shard contents as an in-process run
     context.enable_progress_bars = False  # bricks-dj shows its own progress
+    logging.getLogger("ray.data").setLevel(logging.ERROR)  # its per-run INFO lines would interleave
     items = [{"index": i, "uri": u} for i, u in sources]
     ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items), 4096)))
     ds = ds.map_batches(_ray_batch, fn_kwargs={"plan": plan}, batch_size=1, batch_format="pyarrow",
