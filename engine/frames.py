@@ -185,41 +185,73 @@ def needed_indices(samples: Iterable[Sample], requests: Iterable[FrameRequest], 
 
 
 class RangeFrames:
-    """Serves requests of a shot that overflowed the buffer by decoding its range again.
+    """Serves requests of a shot that overflowed the buffer by decoding a clip's range again.
 
-    Each request seeks to the key frame before its first index and decodes to its last,
-    converting only the frames asked for; `pts_by_index` (recorded in the main pass) maps
+    The first request for a clip decodes, in one seek-and-decode pass, the frames that every
+    request of the recipe (`requests`) would ask for in that clip, so the clip's range is
+    decoded once whichever operators then ask. `pts_by_index` (recorded in the main pass) maps
     decoded frames back to source indices, which also holds for variable frame rates.
     """
 
-    def __init__(self, uri: str, pts_by_index: list[int | None], fps: float, rotation: int, threads: int) -> None:
+    def __init__(self, uri: str, pts_by_index: list[int | None], fps: float, rotation: int, threads: int,
+                 requests: tuple[FrameRequest, ...] = ()) -> None:
         self.uri = uri
         self.pts_by_index = pts_by_index
         self.index_by_pts = {p: i for i, p in enumerate(pts_by_index) if p is not None}
         self.fps = fps
         self.rotation = rotation
         self.threads = threads
+        self.requests = requests
         self.frames_decoded = 0
         self._scaler = scaler()
+        self._clip: tuple[int, int] | None = None
+        self._stream = None  # an open decoder, positioned after `_position`
+        self._position = -1
+        self._cache: dict[tuple, np.ndarray] = {}  # (index, short_side, format) of the current clip
 
     def serve(self, sample: Sample, req: FrameRequest) -> Frames:
         image = sample.get("_image")
         if image is not None:
             return serve_image(image, req)
-        indices = request_indices(req, sample["start_frame"], sample["end_frame"], self.fps)
-        wanted = set(indices)
-        found: dict[int, np.ndarray] = {}
-        for index, frame in self._decode_from(min(indices)):
-            if index in wanted:
-                found[index] = to_array(frame, req, self.rotation, self._scaler)
-            if index >= max(indices):
+        start, end = sample["start_frame"], sample["end_frame"]
+        indices = request_indices(req, start, end, self.fps)
+        if self._clip != (start, end) or any(self._key(i, req) not in self._cache for i in indices):
+            self._load(start, end, req)
+        return Frames(indices, [self._cache[self._key(i, req)] for i in indices])
+
+    @staticmethod
+    def _key(index: int, req: FrameRequest) -> tuple:
+        return index, req.short_side, req.pixel_format
+
+    def _load(self, start: int, end: int, req: FrameRequest) -> None:
+        if self._clip != (start, end):
+            self._clip, self._cache = (start, end), {}
+        wanted: dict[int, list[FrameRequest]] = {}
+        for r in dict.fromkeys((req, *self.requests)):
+            for i in request_indices(r, start, end, self.fps):
+                if self._key(i, r) not in self._cache:
+                    wanted.setdefault(i, []).append(r)
+        last = max(wanted)
+        for index, frame in self._decode_from(min(wanted)):
+            for r in wanted.pop(index, ()):
+                self._cache[self._key(index, r)] = to_array(frame, r, self.rotation, self._scaler)
+            if index >= last:
                 break
-        missing = wanted - set(found)
-        if missing:
-            raise LookupError(f"frames {sorted(missing)[:5]} could not be decoded again")
-        return Frames(indices, [found[i] for i in indices])
+        if any(self._key(i, req) not in self._cache for i in request_indices(req, start, end, self.fps)):
+            raise LookupError(f"frames of [{start}, {end}) could not be decoded again")
 
     def _decode_from(self, first: int):
+        """Frames from index `first` on; clips of a shot come in order, so a decoder already
+        past the previous clip carries on instead of seeking back to a key frame."""
+        if self._stream is None or self._position >= first:
+            self.close()
+            self._stream = self._open_at(first)
+        for index, frame in self._stream:
+            self._position = index
+            if index >= first:
+                yield index, frame
+
+    def _open_at(self, first: int):
         from .video import decode  # local: frames.py stays free of I/O for the common path
 
         seek_pts = self.pts_by_index[first] if first < len(self.pts_by_index) else None
@@ -228,5 +260,10 @@ class RangeFrames:
         for decoded in decode(self.uri, self.threads, seek_pts=seek_pts):
             self.frames_decoded += 1
             index = self.index_by_pts.get(decoded.pts) if seek_pts is not None else decoded.index
-            if index is not None and index >= first:
+            if index is not None:
                 yield index, decoded.frame
+
+    def close(self) -> None:
+        if self._stream is not None:
+            self._stream.close()  # closes the container
+            self._stream = None

@@ -18,7 +18,7 @@ from .operator import FanOut, Filter, Frames, FrameRequest, Mapper, Sample
 from .plan import Plan, Step
 from .samples import Drop, Dropped, SourceContext, clip_of
 from .schema import scores_json
-from .video import DecodeError, SourceError, decode, probe
+from .video import DecodeError, SourceError, decode_ahead, probe
 
 # PySceneDetect shrinks frames for detection with OpenCV's bilinear resize, which samples
 # 2x2 neighbours without widening the filter; libswscale's FAST_BILINEAR does the same, and
@@ -96,55 +96,63 @@ class NoFrames:
 
 def run_steps(samples: list[Sample], steps: list[Step], frames: FrameSource,
               ctx: SourceContext, result: SourceResult) -> list[Sample]:
-    """Run samples through operators in order; rejects go to `result`, survivors are returned."""
-    for step in steps:
-        op, stats = step.op, result.ops[step.label]
-        survivors: list[Sample] = []
-        for sample in samples:
-            if not op.applies_to(sample):
-                survivors.append(sample)
-                continue
-            stats.n_in += 1
-            started = time.perf_counter()
-            scores: dict[str, Any] = {}
-            try:
-                served = [frames.serve(sample, req) for req in op.frame_requests()]
-                if isinstance(op, Filter):
-                    scores = op.score(sample, served)
-                    sample.update(scores)
-                    decision = op.keep(scores)
-                    if decision is not True:
-                        raise Drop(decision if isinstance(decision, str) else f"rejected by {op.name}")
-                    out = [sample]
-                elif isinstance(op, FanOut):
-                    out, dropped_children = [], 0
-                    for child in op.split(sample, served):
-                        if isinstance(child, Dropped):
-                            ctx.finalize(child.sample)
-                            result.reject(child.sample, step.label, "dropped", child.reason)
-                            dropped_children += 1
-                        else:
-                            out.append(ctx.finalize(child))
-                    stats.dropped += dropped_children
-                    if not out and not dropped_children:
-                        raise Drop(f"{op.name} produced no samples")
-                elif isinstance(op, Mapper):
-                    out = [op.process(sample, served)]
+    """Run samples through operators in order; rejects go to `result`, survivors are returned.
+
+    Depth first: a sample goes through every operator before the next sample starts, so the
+    frames of one clip are asked for together (which keeps re-decoding of long shots to one
+    pass, see `RangeFrames`)."""
+    if not steps:
+        return samples
+    survivors: list[Sample] = []
+    for sample in samples:
+        survivors.extend(run_steps(apply_step(steps[0], sample, frames, ctx, result), steps[1:], frames, ctx, result))
+    return survivors
+
+
+def apply_step(step: Step, sample: Sample, frames: FrameSource, ctx: SourceContext,
+               result: SourceResult) -> list[Sample]:
+    op, stats = step.op, result.ops[step.label]
+    if not op.applies_to(sample):
+        return [sample]
+    stats.n_in += 1
+    started = time.perf_counter()
+    scores: dict[str, Any] = {}
+    try:
+        served = [frames.serve(sample, req) for req in op.frame_requests()]
+        if isinstance(op, Filter):
+            scores = op.score(sample, served)
+            sample.update(scores)
+            decision = op.keep(scores)
+            if decision is not True:
+                raise Drop(decision if isinstance(decision, str) else f"rejected by {op.name}")
+            out = [sample]
+        elif isinstance(op, FanOut):
+            out, dropped_children = [], 0
+            for child in op.split(sample, served):
+                if isinstance(child, Dropped):
+                    ctx.finalize(child.sample)
+                    result.reject(child.sample, step.label, "dropped", child.reason)
+                    dropped_children += 1
                 else:
-                    raise TypeError(f"{type(op).__name__} is not a Mapper, Filter or FanOut")
-            except Drop as drop:
-                result.reject(sample, step.label, "dropped", str(drop), scores)
-                stats.dropped += 1
-                out = []
-            except Exception as exc:  # one bad sample must not stop the source
-                result.reject(sample, step.label, "failed", _describe(exc), scores)
-                stats.failed += 1
-                out = []
-            stats.seconds += time.perf_counter() - started
-            stats.n_out += len(out)
-            survivors.extend(out)
-        samples = survivors
-    return samples
+                    out.append(ctx.finalize(child))
+            stats.dropped += dropped_children
+            if not out and not dropped_children:
+                raise Drop(f"{op.name} produced no samples")
+        elif isinstance(op, Mapper):
+            out = [op.process(sample, served)]
+        else:
+            raise TypeError(f"{type(op).__name__} is not a Mapper, Filter or FanOut")
+    except Drop as drop:
+        result.reject(sample, step.label, "dropped", str(drop), scores)
+        stats.dropped += 1
+        out = []
+    except Exception as exc:  # one bad sample must not stop the source
+        result.reject(sample, step.label, "failed", _describe(exc), scores)
+        stats.failed += 1
+        out = []
+    stats.seconds += time.perf_counter() - started
+    stats.n_out += len(out)
+    return out
 
 
 def process_source(plan: Plan, uri: str) -> SourceResult:
@@ -198,14 +206,18 @@ def _decode_pass(plan: Plan, source: Sample, ctx: SourceContext, result: SourceR
         if end <= shot_start:
             return
         shot_started = time.perf_counter()
-        fallback = RangeFrames(ctx.info.uri, pts_by_index, ctx.info.fps, ctx.rotation, executor.decode_threads)
+        fallback = RangeFrames(ctx.info.uri, pts_by_index, ctx.info.fps, ctx.rotation, executor.decode_threads,
+                               plan.frame_requests)
         frames = BufferedFrames(buffer.frames if buffer else {}, ctx.info.fps, ctx.rotation, fallback)
         if tracker is not None:
             shots = [ctx.finalize(clip_of(source, shot_start, end, within_parent=False))]
             seg_stats.n_out += 1
         else:
             shots = [ctx.decoded(source)]
-        result.kept.extend(run_steps(shots, plan.post, frames, ctx, result))
+        try:
+            result.kept.extend(run_steps(shots, plan.post, frames, ctx, result))
+        finally:
+            fallback.close()
         result.frames_decoded += fallback.frames_decoded
         if buffer is not None:
             result.buffer_peak_bytes = max(result.buffer_peak_bytes, buffer.peak_bytes)
@@ -217,7 +229,7 @@ def _decode_pass(plan: Plan, source: Sample, ctx: SourceContext, result: SourceR
     started = time.perf_counter()
     error: DecodeError | None = None
     try:
-        for decoded in decode(ctx.info.uri, executor.decode_threads):
+        for decoded in decode_ahead(ctx.info.uri, executor.decode_threads):
             if decoded.index == 0:
                 ctx.rotation = int(decoded.frame.rotation or 0) % 360
                 source = ctx.oriented(source)

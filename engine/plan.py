@@ -45,6 +45,11 @@ class Plan:
         return any(step.op.needs_frames for step in self.post)
 
     @property
+    def frame_requests(self) -> tuple:
+        """Every distinct frame request of the per-shot operators."""
+        return tuple(dict.fromkeys(r for step in self.post for r in step.op.frame_requests()))
+
+    @property
     def keep_short_side(self) -> int | None:
         """Smallest frame size that serves every request (None: full size)."""
         sizes = [r.short_side for s in self.post for r in s.op.frame_requests()]

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import queue
+import threading
 from dataclasses import dataclass
 from fractions import Fraction
 from typing import Iterator
@@ -127,3 +129,45 @@ class DecodeError(Exception):
     def __init__(self, index: int, message: str) -> None:
         super().__init__(f"decode error at frame {index}: {message}")
         self.index = index
+
+
+_END = object()
+
+
+def decode_ahead(uri: str, threads: int = 0, depth: int = 16) -> Iterator[DecodedFrame]:
+    """`decode` in a background thread, `depth` frames ahead, so that operators' work on one
+    frame overlaps with decoding the next (FFmpeg's frame threads only run while fed)."""
+    frames: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def put(item) -> bool:
+        while not stop.is_set():
+            try:
+                frames.put(item, timeout=0.05)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def work() -> None:
+        try:
+            for decoded in decode(uri, threads):
+                if not put(decoded):
+                    return
+            put(_END)
+        except BaseException as exc:  # handed to the consumer, raised there
+            put(exc)
+
+    worker = threading.Thread(target=work, name="bricks-decode", daemon=True)
+    worker.start()
+    try:
+        while True:
+            item = frames.get()
+            if item is _END:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        worker.join()
