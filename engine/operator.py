@@ -127,6 +127,13 @@ class FanOut(Operator):
     def split(self, sample: Sample, frames: list[Frames]) -> list[Sample]:
         raise NotImplementedError
 
+    def final_before(self, sample: Sample, known_end: int) -> int:
+        """For a shot still being decoded, known to last at least until `known_end`: the frame
+        before which `split`'s outputs can no longer change, whatever the shot's real end.
+        The engine then processes those outputs early and releases their frames, which bounds
+        memory on long shots. The default promises nothing."""
+        return sample["start_frame"]
+
 
 class Segmenter(Operator):
     """A fan-out driven by every frame of a source video, fed while it is decoded.
@@ -145,6 +152,10 @@ class Segmenter(Operator):
 
 
 class SegmentTracker:
+    lag: int | None = 0
+    """How many frames behind the newest pushed frame a cut may still be reported (None:
+    unbounded). Lets the engine know how much of the open shot is settled."""
+
     def push(self, index: int, frame: np.ndarray) -> list[int]:
         """Feed frame `index` (BGR uint8); return cut indices confirmed so far (ascending)."""
         raise NotImplementedError

@@ -188,64 +188,110 @@ def process_source(plan: Plan, uri: str) -> SourceResult:
     return result
 
 
+class _ShotRunner:
+    """Runs the per-shot operators on the parts of the decoded video that are settled."""
+
+    def __init__(self, plan: Plan, source: Sample, ctx: SourceContext, result: SourceResult) -> None:
+        self.plan, self.source, self.ctx, self.result = plan, source, ctx, result
+        executor = plan.executor
+        self.buffer = FrameBuffer(executor.frame_buffer_mb << 20, plan.keep_short_side) if plan.post_needs_frames else None
+        self.pts_by_index: list[int | None] = []
+        self.shot_start = 0
+        # With a windowing fan-out first (clip_length), windows of the open shot that can no
+        # longer change are processed before the shot ends; frames before this are done.
+        self.settled = 0
+        first = plan.post[0] if plan.post else None
+        self.windowing = first if isinstance(getattr(first, "op", None), FanOut) and not first.op.needs_frames else None
+        self.seconds = 0.0  # spent in per-shot operators, not decoding
+
+    def shot(self, end: int) -> Sample:
+        return self.ctx.finalize(clip_of(self.source, self.shot_start, end, within_parent=False))
+
+    def _run(self, samples: list[Sample], steps: list[Step]) -> None:
+        ctx, buffer = self.ctx, self.buffer
+        fallback = RangeFrames(ctx.info.uri, self.pts_by_index, ctx.info.fps, ctx.rotation,
+                               self.plan.executor.decode_threads, self.plan.frame_requests)
+        frames = BufferedFrames(buffer.frames if buffer else {}, ctx.info.fps, ctx.rotation, fallback)
+        try:
+            self.result.kept.extend(run_steps(samples, steps, frames, ctx, self.result))
+        finally:
+            fallback.close()
+        self.result.frames_decoded += fallback.frames_decoded
+        if buffer is not None:
+            self.result.buffer_peak_bytes = max(self.result.buffer_peak_bytes, buffer.peak_bytes)
+
+    def settle(self, known_end: int) -> None:
+        """The open shot lasts at least until `known_end`: process the windows that settles."""
+        if self.windowing is None or known_end <= max(self.settled, self.shot_start):
+            return
+        started = time.perf_counter()
+        op = self.windowing.op
+        partial = dict(self.source, start_frame=self.shot_start, end_frame=known_end)
+        until = op.final_before(partial, known_end)
+        if until > max(self.settled, self.shot_start):
+            windows = [self.ctx.finalize(c) for c in op.split(self.shot(known_end), [])
+                       if not isinstance(c, Dropped) and self.settled <= c["start_frame"] and c["end_frame"] <= until]
+            self.result.ops[self.windowing.label].n_out += len(windows)
+            self._run(windows, self.plan.post[1:])
+            self.settled = until
+            if self.buffer is not None:
+                self.buffer.release_before(until)
+        self.seconds += time.perf_counter() - started
+
+    def close(self, end: int, whole_source: bool = False) -> None:
+        if end <= self.shot_start:
+            return
+        started = time.perf_counter()
+        if whole_source:
+            self._run([self.ctx.decoded(self.source)], self.plan.post)
+        elif self.settled > self.shot_start:
+            # Part of this shot went ahead in windows: split it again, run only the rest.
+            step = self.windowing
+            stats = self.result.ops[step.label]
+            children = apply_step(step, self.shot(end), NoFrames(), self.ctx, self.result)
+            rest = [c for c in children if c["start_frame"] >= self.settled]
+            stats.n_out -= len(children) - len(rest)
+            self._run(rest, self.plan.post[1:])
+        else:
+            self._run([self.shot(end)], self.plan.post)
+        if self.buffer is not None:
+            self.buffer.release_before(end)
+            self.buffer.start_shot()
+        self.shot_start = end
+        self.seconds += time.perf_counter() - started
+
+
 def _decode_pass(plan: Plan, source: Sample, ctx: SourceContext, result: SourceResult) -> None:
     """One sequential decode; shots are processed as soon as the segmenter closes them."""
-    executor = plan.executor
-    buffer = FrameBuffer(executor.frame_buffer_mb << 20, plan.keep_short_side) if plan.post_needs_frames else None
-    pts_by_index: list[int | None] = []
     segmenter = plan.segmenter
     tracker = segmenter.op.start(source) if segmenter else None
     seg_stats = result.ops[segmenter.label] if segmenter else None
     detect_size = (0, 0)
     detect_scaler = scaler()
-    shot_start = 0
-    shot_seconds = 0.0  # spent in per-shot operators, not decoding
-
-    def close_shot(end: int) -> None:
-        nonlocal shot_start, shot_seconds
-        if end <= shot_start:
-            return
-        shot_started = time.perf_counter()
-        fallback = RangeFrames(ctx.info.uri, pts_by_index, ctx.info.fps, ctx.rotation, executor.decode_threads,
-                               plan.frame_requests)
-        frames = BufferedFrames(buffer.frames if buffer else {}, ctx.info.fps, ctx.rotation, fallback)
-        if tracker is not None:
-            shots = [ctx.finalize(clip_of(source, shot_start, end, within_parent=False))]
-            seg_stats.n_out += 1
-        else:
-            shots = [ctx.decoded(source)]
-        try:
-            result.kept.extend(run_steps(shots, plan.post, frames, ctx, result))
-        finally:
-            fallback.close()
-        result.frames_decoded += fallback.frames_decoded
-        if buffer is not None:
-            result.buffer_peak_bytes = max(result.buffer_peak_bytes, buffer.peak_bytes)
-            buffer.release_before(end)
-            buffer.start_shot()
-        shot_start = end
-        shot_seconds += time.perf_counter() - shot_started
-
+    shots: _ShotRunner | None = None
     started = time.perf_counter()
     error: DecodeError | None = None
     try:
-        for decoded in decode_ahead(ctx.info.uri, executor.decode_threads):
+        for decoded in decode_ahead(ctx.info.uri, plan.executor.decode_threads):
             if decoded.index == 0:
                 ctx.rotation = int(decoded.frame.rotation or 0) % 360
-                source = ctx.oriented(source)
+                shots = _ShotRunner(plan, ctx.oriented(source), ctx, result)
                 if segmenter is not None:
                     detect_size = segmenter.op.frame_size(decoded.frame.width, decoded.frame.height)
             ctx.times.append(decoded.time)
-            pts_by_index.append(decoded.pts)
-            if buffer is not None:
-                buffer.add(decoded.index, decoded.frame, ctx.rotation)
+            shots.pts_by_index.append(decoded.pts)
+            if shots.buffer is not None:
+                shots.buffer.add(decoded.index, decoded.frame, ctx.rotation)
             if tracker is not None:
                 seg_started = time.perf_counter()
                 small = reformat(detect_scaler, decoded.frame, *detect_size, "bgr24", DETECT_INTERPOLATION).to_ndarray()
                 cuts = tracker.push(decoded.index, small)
                 seg_stats.seconds += time.perf_counter() - seg_started
                 for cut in cuts:
-                    close_shot(cut)
+                    seg_stats.n_out += 1
+                    shots.close(cut)
+                if tracker.lag is not None:
+                    shots.settle(decoded.index + 1 - tracker.lag)
     except DecodeError as exc:
         error = exc
     except SourceError as exc:
@@ -254,18 +300,22 @@ def _decode_pass(plan: Plan, source: Sample, ctx: SourceContext, result: SourceR
     num_frames = len(ctx.times)
     result.frames_decoded += num_frames
     elapsed = time.perf_counter() - started
-    result.decode_seconds += elapsed - shot_seconds - (seg_stats.seconds if seg_stats else 0.0)
+    result.decode_seconds += elapsed - (shots.seconds if shots else 0.0) - (seg_stats.seconds if seg_stats else 0.0)
     if num_frames == 0:
         result.reject(None, "decode", "failed", str(error) if error else "no frames could be decoded")
         return
     if error is not None:
         result.reject({"kind": "source", "start_frame": error.index}, "decode", "failed",
                       f"{error}; the frames before it were processed")
-    if tracker is not None:
-        seg_stats.n_in += 1
-        for cut in tracker.finish(num_frames):
-            close_shot(cut)
-    close_shot(num_frames)
+    if tracker is None:
+        shots.close(num_frames, whole_source=True)
+        return
+    seg_stats.n_in += 1
+    for cut in tracker.finish(num_frames):
+        seg_stats.n_out += 1
+        shots.close(cut)
+    seg_stats.n_out += 1
+    shots.close(num_frames)
 
 
 def _describe(exc: BaseException) -> str:

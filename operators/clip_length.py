@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 from pydantic import Field, model_validator
 
 from bricks.engine.operator import FanOut, OperatorParams
@@ -27,7 +25,8 @@ class ClipLengthParams(OperatorParams):
 @register
 class ClipLength(FanOut):
     name = "clip_length"
-    description = "Keep clips of min..max frames; split longer shots into equal pieces of at most max_frames."
+    description = ("Keep clips of min..max frames; split longer shots into max_frames windows "
+                   "(a last window under min_frames is dropped).")
     Params = ClipLengthParams
 
     def applies_to(self, sample) -> bool:
@@ -37,17 +36,20 @@ class ClipLength(FanOut):
         p = self.params
         start = sample["start_frame"] + p.trim_frames
         end = sample["end_frame"] - p.trim_frames
-        length = end - start
-        if length < p.min_frames:
-            return [Dropped(sample, f"too short: {max(length, 0)} frames < min_frames={p.min_frames}")]
-        # Equal pieces rather than max_frames windows plus a remainder: nothing is wasted and
-        # no piece falls under min_frames when the shot itself does not.
-        pieces = math.ceil(length / p.max_frames)
-        bounds = [start + round(i * length / pieces) for i in range(pieces + 1)]
+        if end - start < p.min_frames:
+            return [Dropped(sample, f"too short: {max(end - start, 0)} frames < min_frames={p.min_frames}")]
+        # Windows from the shot's start: each is settled as soon as the shot is known to reach
+        # past it, so long shots are cut while they are still being decoded (`final_before`).
         out = []
-        for a, b in zip(bounds, bounds[1:]):
+        for a in range(start, end, p.max_frames):
+            b = min(a + p.max_frames, end)
             clip = clip_of(sample, a, b)
-            # Only when min_frames is more than half of max_frames can a piece fall short.
             out.append(clip if b - a >= p.min_frames else
-                       Dropped(clip, f"piece of a split shot too short: {b - a} frames < min_frames={p.min_frames}"))
+                       Dropped(clip, f"last window too short: {b - a} frames < min_frames={p.min_frames}"))
         return out
+
+    def final_before(self, sample, known_end: int) -> int:
+        p = self.params
+        start = sample["start_frame"] + p.trim_frames
+        settled = known_end - p.trim_frames - start  # frames that will not be trimmed away
+        return start + max(0, settled // p.max_frames) * p.max_frames if settled > 0 else sample["start_frame"]

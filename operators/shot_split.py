@@ -56,13 +56,19 @@ class ShotSplit(Segmenter):
         return ThresholdDetector(min_scene_len=p.min_scene_len, **kwargs)
 
     def start(self, sample) -> SegmentTracker:
-        return _DetectorTracker(self.make_detector(), sample["fps"])
+        detector = self.make_detector()
+        # Content and adaptive cuts come at most the flash filter's span behind; the threshold
+        # detector places cuts mid-fade, any distance back.
+        lag = None if self.params.detector == "threshold" else max(
+            detector.event_buffer_length, self.params.min_scene_len) + 1
+        return _DetectorTracker(detector, sample["fps"], lag)
 
 
 class _DetectorTracker(SegmentTracker):
-    def __init__(self, detector, fps: float) -> None:
+    def __init__(self, detector, fps: float, lag: int | None) -> None:
         self.detector = detector
         self.fps = fps
+        self.lag = lag
         self.last_cut = 0
 
     def _accept(self, timecodes) -> list[int]:

@@ -103,3 +103,34 @@ def test_scaled_size_keeps_aspect_and_never_upscales():
     assert scaled_size(720, 1280, 360) == (360, 640)
     assert scaled_size(320, 180, 360) == (320, 180)
     assert scaled_size(1920, 1080, None) == (1920, 1080)
+
+
+def test_windows_settled_early_match_windows_cut_at_the_shot_end(tmp_path, corpus, monkeypatch):
+    """clip_length windows are processed while their shot is still being decoded; the output
+    must be that of waiting for the cut, with less memory held."""
+    from bricks.engine.pipeline import process_source
+    from bricks.engine.plan import build
+    from bricks.operators import shot_split
+
+    recipe = {"input": str(corpus[0]), "output": str(tmp_path / "unused"), "executor": {"mode": "local"},
+              "process": [{"shot_split": {}}, {"clip_length": {"max_frames": 40, "trim_frames": 2}},
+                          {"motion_filter": {}}, {"middle_frame": {}}]}
+    plan = build(from_dict(recipe))
+    early = [process_source(plan, t.path) for t in corpus[1]]
+
+    start = shot_split.ShotSplit.start
+
+    def never_settled(self, sample):
+        tracker = start(self, sample)
+        tracker.lag = None  # as if cuts could come any distance back: wait for every cut
+        return tracker
+
+    monkeypatch.setattr(shot_split.ShotSplit, "start", never_settled)
+    late = [process_source(plan, t.path) for t in corpus[1]]
+    for a, b in zip(early, late):
+        assert [dict(s, _image=None) for s in a.kept] == [dict(s, _image=None) for s in b.kept]
+        assert sorted(a.rejects, key=str) == sorted(b.rejects, key=str)
+        assert {k: v.to_dict() | {"seconds": 0} for k, v in a.ops.items()} == \
+            {k: v.to_dict() | {"seconds": 0} for k, v in b.ops.items()}
+    # Video 0 has a 260-frame shot: early windows never hold all of it.
+    assert early[0].buffer_peak_bytes < late[0].buffer_peak_bytes

@@ -63,14 +63,23 @@ def test_clip_length_splits_long_shots_and_drops_short_ones(tmp_path, corpus):
         tmp_path, folder, [{"shot_split": {}}, {"clip_length": {"min_frames": 15, "max_frames": 200}}])
     lengths = [r["end_frame"] - r["start_frame"] for r in shards.to_pylist()]
     assert min(lengths) >= 15 and max(lengths) <= 200
-    # The 260-frame shot of video 0 becomes two 130-frame clips.
+    # The 260-frame shot of video 0 becomes a 200-frame window and a 60-frame rest.
     long_start = truths[0].cuts[0]
     clips0 = shots_by_source(shards)[truths[0].path]
-    assert (long_start, long_start + 130) in clips0 and (long_start + 130, long_start + 260) in clips0
+    assert (long_start, long_start + 200) in clips0 and (long_start + 200, long_start + 260) in clips0
     dropped = [r for r in rejects.to_pylist() if r["op"] == "1:clip_length"]
     assert dropped and all("too short" in r["reason"] for r in dropped)
     op = manifest["ops"][1]
     assert op["in"] == manifest["ops"][0]["out"]
+
+
+def test_clip_length_windows_and_a_short_last_window(tmp_path):
+    video = short_video(tmp_path / "v.mp4", shots=((130, False), (40, False)))
+    shards, rejects, _ = run_process(tmp_path, video.path, [
+        {"shot_split": {}}, {"clip_length": {"min_frames": 20, "max_frames": 60}}])
+    assert sorted(shots_by_source(shards)[video.path]) == [(0, 60), (60, 120), (130, 170)]
+    (reject,) = rejects.to_pylist()
+    assert (reject["start_frame"], reject["end_frame"]) == (120, 130) and "last window too short" in reject["reason"]
 
 
 def test_clip_length_trims_both_ends(tmp_path):
