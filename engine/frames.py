@@ -1,16 +1,16 @@
 """Serving operators' frame requests from frames decoded once.
 
 The decode pass keeps the frames of the shot still open in a `FrameBuffer` (PyAV frames,
-scaled down in libswscale when no operator wants full size). When the shot closes, its clips'
-requests are resolved to frame indices and converted (scale, pixel format, rotation) from
-the buffer. When a shot outgrows the memory budget its frames are given up, and requests
+scaled down in libswscale when no operator wants full size). When the shot closes (or a
+window of it settles), its clips' requests are resolved to frame indices and converted
+(scale, pixel format, rotation) from the buffer. When a shot outgrows the memory budget its frames are given up, and requests
 that need them are served by decoding just that range again (`RangeFrames`).
 """
 
 from __future__ import annotations
 
 import math
-from typing import Iterable, Protocol
+from typing import Protocol
 
 import av
 import cv2
@@ -173,15 +173,6 @@ def serve_image(image: np.ndarray, req: FrameRequest) -> Frames:
     elif req.pixel_format == "gray":
         image = cv2.cvtColor(image, cv2.COLOR_RGB2GRAY)
     return Frames([0], [image])
-
-
-def needed_indices(samples: Iterable[Sample], requests: Iterable[FrameRequest], fps: float) -> set[int]:
-    needed: set[int] = set()
-    requests = list(requests)
-    for sample in samples:
-        for req in requests:
-            needed.update(request_indices(req, sample["start_frame"], sample["end_frame"], fps))
-    return needed
 
 
 class RangeFrames:
