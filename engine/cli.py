@@ -16,7 +16,10 @@ from .inputs import InputError, list_sources
 from .output import OutputError
 from .recipe import RecipeError, load
 
-USER_ERRORS = (RecipeError, InputError, OutputError, registry.RegistryError)
+from .model_stage import DeviceError
+from .models import MissingModelError
+
+USER_ERRORS = (RecipeError, InputError, OutputError, registry.RegistryError, MissingModelError, DeviceError)
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
 
 
@@ -105,6 +108,54 @@ def ops(as_json: bool) -> None:
         params = "\n".join(f"{field}: {info.default!r}" for field, info in cls.Params.model_fields.items())
         table.add_row(name, registry.kind_of(cls), cls.description, params or "-")
     Console().print(table)
+
+
+@main.command(context_settings={"ignore_unknown_options": False})
+@click.argument("words", nargs=-1, required=True, metavar="[download] RECIPE")
+@set_option
+def models(words: tuple[str, ...], overrides: tuple[str, ...]) -> None:
+    """List the model weights RECIPE needs and where they were found or looked for;
+    `models download RECIPE` fetches the missing ones (needs internet)."""
+    if len(words) == 2 and words[0] == "download":
+        _download(words[1], overrides)
+        return
+    if len(words) != 1:
+        raise click.UsageError("expected RECIPE or `download RECIPE`")
+    found_all = True
+    for step, spec, (state, where) in _model_files(words[0], overrides):
+        found_all &= state == "found"
+        click.echo(f"{step.op.name}: {spec.label}: {state}: {where}")
+    if not found_all:
+        sys.exit(1)
+
+
+def _download(recipe: str, overrides) -> None:
+    from .models import download
+
+    for step, spec, (state, where) in _model_files(recipe, overrides):
+        if state == "found":
+            click.echo(f"{spec.label}: already at {where}")
+            continue
+        try:
+            click.echo(f"{spec.label}: downloaded to {download(spec)}")
+        except Exception as exc:
+            _fail(RuntimeError(f"{spec.label}: download failed: {exc}"))
+
+
+def _model_files(recipe: str, overrides):
+    from .models import status
+    from .plan import build
+
+    try:
+        plan = build(load(recipe, list(overrides)))
+    except USER_ERRORS as exc:
+        _fail(exc)
+    for step in plan.model_steps:
+        files = step.op.model_files()
+        if not files:
+            click.echo(f"{step.op.name}: tiny random-init preset, no weights needed")
+        for spec in files:
+            yield step, spec, status(spec)
 
 
 @main.command()

@@ -20,7 +20,7 @@ from typing import Any, ClassVar, Literal
 
 import numpy as np
 import pyarrow as pa
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 Sample = dict[str, Any]
 """One row of the output: the shard schema's columns (see `bricks.engine.schema`)."""
@@ -163,3 +163,48 @@ class SegmentTracker:
     def finish(self, num_frames: int) -> list[int]:
         """No more frames; return any remaining cuts."""
         raise NotImplementedError
+
+
+class ModelParams(OperatorParams):
+    """Parameters every model operator has: where it runs and how it is batched."""
+
+    device: Literal["auto", "cuda", "cpu"] = "auto"
+    """`auto` needs a GPU; `cpu` runs on CPU (slow, with a warning)."""
+    num_gpus: float = Field(default=1.0, ge=0)
+    """GPUs per actor (fractions share a GPU between actors)."""
+    batch_size: int = Field(default=16, ge=1)
+    pool_size: int = Field(default=1, ge=1)
+    """Actors in the pool: each loads the model once."""
+
+
+class ModelOperator(Operator):
+    """An operator with a model, run after the per-source operators in a pool of actors.
+
+    Its frames are served in the decode pass and travel with the sample; `preprocess` turns
+    them into model inputs in a CPU stage of its own (so the GPU never waits on it); `load`
+    runs once per actor; `infer` runs a batch; `apply` turns one output into fields of the
+    sample, and `keep` (for filters) decides. A failing batch is retried sample by sample,
+    so one bad sample is dropped with its reason and the rest go on.
+    """
+
+    Params = ModelParams
+    model: Any = None
+
+    def model_files(self) -> list:
+        """`bricks.engine.models.ModelFile`s this operator loads (none for tiny presets)."""
+        return []
+
+    def load(self, device: str) -> None:
+        raise NotImplementedError
+
+    def preprocess(self, sample: Sample, frames: list[Frames]) -> Any:
+        raise NotImplementedError
+
+    def infer(self, inputs: list[Any]) -> list[Any]:
+        raise NotImplementedError
+
+    def apply(self, sample: Sample, output: Any) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def keep(self, fields: dict[str, Any]) -> bool | str:
+        return True

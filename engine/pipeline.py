@@ -155,6 +155,22 @@ def apply_step(step: Step, sample: Sample, frames: FrameSource, ctx: SourceConte
     return out
 
 
+def attach_model_frames(sample: Sample, plan: Plan, frames: FrameSource, result: SourceResult) -> None:
+    """Serve the model operators' frames now, while the decode pass still has them; they
+    travel with the sample to the model stages."""
+    attached = {}
+    try:
+        for step in plan.model_steps:
+            if step.op.applies_to(sample):
+                attached[step.label] = [frames.serve(sample, req) for req in step.op.frame_requests()]
+    except Exception as exc:
+        result.reject(sample, plan.model_steps[0].label, "failed", f"frames for model operators: {_describe(exc)}")
+        sample["_status"] = "failed"
+        return
+    if attached:
+        sample["_frames"] = attached
+
+
 def process_source(plan: Plan, uri: str) -> SourceResult:
     result = SourceResult(uri)
     try:
@@ -213,7 +229,10 @@ class _ShotRunner:
                                self.plan.executor.decode_threads, self.plan.frame_requests)
         frames = BufferedFrames(buffer.frames if buffer else {}, ctx.info.fps, ctx.rotation, fallback)
         try:
-            self.result.kept.extend(run_steps(samples, steps, frames, ctx, self.result))
+            kept = run_steps(samples, steps, frames, ctx, self.result)
+            for sample in kept:
+                attach_model_frames(sample, self.plan, frames, self.result)
+            self.result.kept.extend(s for s in kept if s.get("_status") != "failed")
         finally:
             fallback.close()
         self.result.frames_decoded += fallback.frames_decoded

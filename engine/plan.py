@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 
-from .operator import FanOut, Operator, Segmenter
+from .operator import FanOut, ModelOperator, Operator, Segmenter
 from .recipe import ExecutorConfig, LimitsConfig, Recipe, RecipeError
 from .schema import SCHEMA_VERSION, shard_schema
 
@@ -35,6 +35,7 @@ class Plan:
     pre: list[Step]
     segmenter: Step | None
     post: list[Step]
+    model_steps: list[Step]  # after the per-source operators, in actor pools
     schema: pa.Schema
     recipe_key: str
     executor: ExecutorConfig
@@ -42,17 +43,17 @@ class Plan:
 
     @property
     def post_needs_frames(self) -> bool:
-        return any(step.op.needs_frames for step in self.post)
+        return any(step.op.needs_frames for step in self.post + self.model_steps)
 
     @property
     def frame_requests(self) -> tuple:
-        """Every distinct frame request of the per-shot operators."""
-        return tuple(dict.fromkeys(r for step in self.post for r in step.op.frame_requests()))
+        """Every distinct frame request served in the decode pass (model operators' too)."""
+        return tuple(dict.fromkeys(r for step in self.post + self.model_steps for r in step.op.frame_requests()))
 
     @property
     def keep_short_side(self) -> int | None:
         """Smallest frame size that serves every request (None: full size)."""
-        sizes = [r.short_side for s in self.post for r in s.op.frame_requests()]
+        sizes = [r.short_side for r in self.frame_requests]
         if not sizes or any(size is None for size in sizes):
             return None
         return max(sizes)
@@ -78,6 +79,17 @@ def build(recipe: Recipe) -> Plan:
     segmenter = steps[seg_positions[0]] if seg_positions else None
     cut = segmenter.index if segmenter else 0
     pre, post = steps[:cut], steps[cut + 1 if segmenter else 0:]
+    first_model = next((i for i, s in enumerate(post) if isinstance(s.op, ModelOperator)), len(post))
+    post, model_steps = post[:first_model], post[first_model:]
+    for step in model_steps:
+        if not isinstance(step.op, ModelOperator):
+            raise RecipeError(
+                f"{recipe.source}: process[{step.index}] {step.op.name}: must come before the model operators "
+                f"({model_steps[0].op.name}...), which run last, in actor pools"
+            )
+    for step in pre:
+        if isinstance(step.op, ModelOperator):
+            raise RecipeError(f"{recipe.source}: process[{step.index}] {step.op.name}: must come after {segmenter.op.name}")
     for step in pre:
         if step.op.needs_frames or isinstance(step.op, FanOut):
             raise RecipeError(
@@ -98,7 +110,7 @@ def build(recipe: Recipe) -> Plan:
     process = [{s.op.name: s.op.params.model_dump(mode="json")} for s in steps]
     key = json.dumps({"schema": SCHEMA_VERSION, "process": process}, sort_keys=True)
     return Plan(
-        steps=steps, pre=pre, segmenter=segmenter, post=post, schema=schema,
+        steps=steps, pre=pre, segmenter=segmenter, post=post, model_steps=model_steps, schema=schema,
         recipe_key=hashlib.sha1(key.encode()).hexdigest()[:16],
         executor=recipe.executor, limits=recipe.model.limits,
     )

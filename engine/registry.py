@@ -14,7 +14,7 @@ import sys
 from importlib.metadata import entry_points
 from pathlib import Path
 
-from .operator import FanOut, Filter, Mapper, Operator, Segmenter
+from .operator import FanOut, Filter, Mapper, ModelOperator, Operator, Segmenter
 
 ENTRY_POINT_GROUP = "bricks.operators"
 
@@ -29,8 +29,8 @@ class RegistryError(ValueError):
 
 def register(cls: type[Operator]) -> type[Operator]:
     """Class decorator: make an operator available to recipes under `cls.name`."""
-    if not (isinstance(cls, type) and issubclass(cls, (Mapper, Filter, FanOut, Segmenter))):
-        raise RegistryError(f"{cls!r} must subclass Mapper, Filter, FanOut or Segmenter")
+    if not (isinstance(cls, type) and issubclass(cls, (Mapper, Filter, FanOut, Segmenter, ModelOperator))):
+        raise RegistryError(f"{cls!r} must subclass Mapper, Filter, FanOut, Segmenter or ModelOperator")
     for attr in ("name", "description"):
         if not isinstance(getattr(cls, attr, None), str) or not getattr(cls, attr):
             raise RegistryError(f"operator {cls.__qualname__} needs a non-empty `{attr}`")
@@ -108,7 +108,8 @@ def suggest(name: str, candidates) -> str:
 
 
 def kind_of(cls: type[Operator]) -> str:
-    for base, label in ((Segmenter, "segmenter"), (FanOut, "fan-out"), (Filter, "filter"), (Mapper, "mapper")):
+    for base, label in ((Segmenter, "segmenter"), (FanOut, "fan-out"), (Filter, "filter"), (Mapper, "mapper"),
+                        (ModelOperator, "model")):
         if issubclass(cls, base):
             return label
     return "operator"

@@ -40,6 +40,7 @@ def run(recipe: Recipe, *, overwrite: bool = False, mode: str | None = None,
     """Run `recipe`; returns the manifest. Sources already committed in the output are skipped."""
     started = time.time()
     plan = plan_mod.build(recipe)
+    check_models(plan)
     sources = list_sources(recipe.model.input)
     out = Path(recipe.model.output)
     progress = prepare(out, plan.recipe_key, overwrite)
@@ -66,14 +67,44 @@ def run(recipe: Recipe, *, overwrite: bool = False, mode: str | None = None,
     return manifest
 
 
+def check_models(plan) -> None:
+    """Before any video is decoded: every model operator has its device and its weights."""
+    from .model_stage import resolve_device
+    from .models import resolve
+
+    for step in plan.model_steps:
+        resolve_device(step.op)
+        for spec in step.op.model_files():
+            resolve(spec)
+
+
 def _complete(plan, writer: ShardWriter, table: pa.Table, on_source) -> None:
     stats_cell = next(s for s in table.column("_stats").to_pylist() if s is not None)
     stats = json.loads(stats_cell)
+    if plan.model_steps:
+        _add_model_stats(plan, table, stats)
     kept, rejects = split_result(plan, table)
     writer.add(stats["uri"], kept, rejects, stats)
     if on_source:
         on_source(SourceDone(stats["uri"], stats["status"], kept.num_rows, rejects.num_rows,
                              stats["frames_decoded"]))
+
+
+def _add_model_stats(plan, table: pa.Table, stats: dict[str, Any]) -> None:
+    """Model operators only mark rows: count them from the rows of the finished source."""
+    rows = table.select(["_status", "_op", "_model_seconds"]).to_pylist()
+    labels = [s.label for s in plan.model_steps]
+    for k, label in enumerate(labels):
+        later = set(labels[k:])
+        reached = [r for r in rows if r["_status"] == "kept" or (r["_op"] in later)]
+        dropped = sum(1 for r in rows if r["_op"] == label and r["_status"] == "dropped")
+        failed = sum(1 for r in rows if r["_op"] == label and r["_status"] == "failed")
+        seconds = sum(json.loads(r["_model_seconds"] or "{}").get(label, 0.0) for r in rows)
+        stats["ops"][label] = {"in": len(reached), "out": len(reached) - dropped - failed,
+                               "dropped": dropped, "failed": failed, "seconds": round(seconds, 4)}
+    # A source whose samples all fell to model operators is dropped (or failed), not kept.
+    if not any(r["_status"] == "kept" for r in rows) and stats["status"] == "kept":
+        stats["status"] = "failed" if any(r["_status"] == "failed" for r in rows) else "dropped"
 
 
 def build_manifest(recipe: Recipe, plan, progress: Progress, total: int, resumed: int,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pickle
 from typing import Iterator
 
 import pyarrow as pa
@@ -29,6 +30,9 @@ INTERNAL = {
     "_reason": pa.string(),
     "_scores": pa.string(),
     "_stats": pa.string(),
+    "_frames": pa.binary(),  # pickled frames for the model operators still to run
+    "_inputs": pa.binary(),  # pickled model inputs, between pre-processing and inference
+    "_model_seconds": pa.string(),  # JSON: seconds per model operator spent on this row
 }
 
 
@@ -37,7 +41,12 @@ def result_schema(plan: Plan) -> pa.Schema:
 
 
 def result_table(plan: Plan, index: int, result: SourceResult) -> pa.Table:
-    rows = [dict(s, _status="kept") for s in result.kept]
+    rows = []
+    for sample in result.kept:
+        row = dict(sample, _status="kept")
+        if sample.get("_frames"):
+            row["_frames"] = pickle.dumps(sample["_frames"])
+        rows.append(row)
     for r in result.rejects:
         rows.append({
             "sample_id": r["sample_id"], "kind": r["kind"], "source_uri": r["source_uri"],
@@ -75,9 +84,16 @@ def _process(plan: Plan, index: int, uri: str) -> pa.Table:
 
 
 def run_local(plan: Plan, sources: list[tuple[int, str]]) -> Iterator[pa.Table]:
+    from .model_stage import ModelActor, preprocess_table
+
     plan.setup()
+    schema = result_schema(plan)
+    actors = [ModelActor(plan, k) for k in range(len(plan.model_steps))]
     for index, uri in sources:
-        yield _process(plan, index, uri)
+        table = _process(plan, index, uri)
+        for step, actor in zip(plan.model_steps, actors):
+            table = actor(preprocess_table(table, step, schema))
+        yield table
 
 
 def _ray_batch(batch: pa.Table, plan: Plan) -> pa.Table:
@@ -119,4 +135,16 @@ def run_ray(plan: Plan, sources: list[tuple[int, str]]) -> Iterator[pa.Table]:
     ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items), 4096)))
     ds = ds.map_batches(_ray_batch, fn_kwargs={"plan": plan}, batch_size=1, batch_format="pyarrow",
                         num_cpus=plan.cpus_per_source)
+    schema = result_schema(plan)
+    for k, step in enumerate(plan.model_steps):
+        from .model_stage import ModelActor, preprocess_table, ray_resources
+
+        # Pre-processing is a CPU stage of its own, so the model's actors never wait on it.
+        # Its half CPU also keeps Ray from fusing it into the decode tasks or the actors
+        # (fused into an actor pool, decoding would run on `pool_size` workers only).
+        ds = ds.map_batches(preprocess_table, fn_kwargs={"step": step, "schema": schema},
+                            batch_format="pyarrow", num_cpus=0.5)
+        ds = ds.map_batches(ModelActor, fn_constructor_args=(plan, k), batch_size=step.op.params.batch_size,
+                            batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=step.op.params.pool_size),
+                            **ray_resources(step.op))
     yield from ds.iter_batches(batch_size=None, batch_format="pyarrow")

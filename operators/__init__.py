@@ -1,6 +1,7 @@
 """Built-in operators, one per module; importing this package registers them all."""
 
 from . import (  # noqa: F401  (imported for registration)
+    aesthetic_filter,
     clip_length,
     encode_clips,
     metadata_filters,
