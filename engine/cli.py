@@ -19,7 +19,10 @@ from .recipe import RecipeError, load
 from .model_stage import DeviceError
 from .models import MissingModelError
 
-USER_ERRORS = (RecipeError, InputError, OutputError, registry.RegistryError, MissingModelError, DeviceError)
+from .operator import FatalModelError
+
+USER_ERRORS = (RecipeError, InputError, OutputError, registry.RegistryError, MissingModelError, DeviceError,
+               FatalModelError)
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
 
 

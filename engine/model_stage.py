@@ -18,14 +18,14 @@ from typing import Any
 import pyarrow as pa
 
 from .models import warn_tiny
-from .operator import ModelOperator
+from .operator import FatalModelError, ModelOperator
 from .plan import Plan, Step
 from .schema import scores_json
 
 log = logging.getLogger("bricks")
 
 
-def resolve_device(op: ModelOperator) -> str:
+def resolve_device(op: ModelOperator, warn: bool = True) -> str:
     """The device a model operator runs on here; `auto` never silently means CPU."""
     wanted = op.params.device
     try:
@@ -35,7 +35,8 @@ def resolve_device(op: ModelOperator) -> str:
     except ImportError:
         has_cuda = False
     if wanted == "cpu":
-        log.warning("%s runs on CPU: expect it to be much slower than on a GPU", op.name)
+        if warn:
+                "%s runs on CPU: expect it to be much slower than on a GPU", op.name)
         return "cpu"
     if not has_cuda:
         raise DeviceError(f"{op.name}: no CUDA GPU here; set `device: cpu` to run it on CPU (slow)")
@@ -89,11 +90,15 @@ def infer_table(table: pa.Table, step: Step, schema: pa.Schema, last: bool) -> p
         inputs = [pickle.loads(row["_inputs"]) for row in batch]
         try:
             outputs = op.infer(inputs)
+        except FatalModelError:
+            raise
         except Exception:
             outputs = []
             for row, one in zip(batch, inputs):
                 try:
                     outputs.append(op.infer([one])[0])
+                except FatalModelError:
+                    raise
                 except Exception as exc:
                     outputs.append(exc)
         share = (time.perf_counter() - began) / len(batch)

@@ -194,6 +194,9 @@ class ModelOperator(Operator):
         """`bricks.engine.models.ModelFile`s this operator loads (none for tiny presets)."""
         return []
 
+    def check(self) -> None:
+        """Runs before any video is decoded (e.g. that an endpoint answers)."""
+
     def load(self, device: str) -> None:
         raise NotImplementedError
 
@@ -208,3 +211,8 @@ class ModelOperator(Operator):
 
     def keep(self, fields: dict[str, Any]) -> bool | str:
         return True
+
+
+class FatalModelError(RuntimeError):
+    """Raised by a model operator when no sample can succeed (an endpoint is down): the run
+    stops with this message instead of failing every sample."""

@@ -15,6 +15,7 @@ import pyarrow as pa
 
 from . import plan as plan_mod
 from .inputs import list_sources
+from .operator import FatalModelError
 from .output import Progress, ShardWriter, prepare, write_atomic
 from .recipe import Recipe
 from .runners import run_local, run_ray, split_result
@@ -52,7 +53,7 @@ def run(recipe: Recipe, *, overwrite: bool = False, mode: str | None = None,
     runner = run_ray if (mode or ex.mode) == "ray" else run_local
     pending: dict[int, list[pa.Table]] = {}
     if todo:
-        for table in runner(plan, todo):
+        for table in _unwrap_fatal(runner(plan, todo)):
             for index in sorted(set(table.column("_source_index").to_pylist())):
                 part = table.filter(pa.compute.equal(table.column("_source_index"), index))
                 pending.setdefault(index, []).append(part)
@@ -67,15 +68,29 @@ def run(recipe: Recipe, *, overwrite: bool = False, mode: str | None = None,
     return manifest
 
 
+def _unwrap_fatal(tables):
+    """A model operator's fatal error surfaces as itself, not wrapped by Ray."""
+    try:
+        yield from tables
+    except Exception as exc:
+        cause = exc
+        while cause is not None and not isinstance(cause, FatalModelError):
+            cause = getattr(cause, "cause", None) or cause.__cause__
+        if cause is not None:
+            raise FatalModelError(str(cause).splitlines()[0]) from exc
+        raise
+
+
 def check_models(plan) -> None:
     """Before any video is decoded: every model operator has its device and its weights."""
     from .model_stage import resolve_device
     from .models import resolve
 
     for step in plan.model_steps:
-        resolve_device(step.op)
+        resolve_device(step.op, warn=False)
         for spec in step.op.model_files():
             resolve(spec)
+        step.op.check()
 
 
 def _complete(plan, writer: ShardWriter, table: pa.Table, on_source) -> None:

@@ -8,4 +8,5 @@ from . import (  # noqa: F401  (imported for registration)
     middle_frame,
     motion_filter,
     shot_split,
+    vlm_caption,
 )

@@ -1,0 +1,1 @@
+"""Caption backends for vlm_caption: OpenAI-compatible HTTP, transformers, vLLM."""

@@ -1,0 +1,291 @@
+"""Caption backend for any OpenAI-compatible chat-completions endpoint (GPT-4o, `vllm serve`).
+
+Each request carries the clip's frames (or the still image) as base64 JPEG data URLs, in order,
+followed by the prompt text. Requests go out concurrently from a small thread pool; rate limits
+(429), server errors (5xx) and timeouts are retried with capped exponential backoff. A request
+that still fails comes back as an Exception in its slot, so one bad sample does not sink the
+batch; a service that cannot be reached at all raises `EndpointDown`, so the run stops instead of
+marking every sample failed.
+"""
+
+from __future__ import annotations
+
+import base64
+import ipaddress
+import logging
+import os
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable
+from urllib.parse import urlsplit
+
+import requests
+from urllib3.exceptions import ReadTimeoutError
+
+from bricks.operators.vlm_backends.base import CaptionRequest, EndpointDown
+
+__all__ = ["CaptionRequest", "EndpointDown", "OpenAIBackend", "RequestFailed"]
+
+log = logging.getLogger("bricks")
+
+BODY_PREVIEW = 200  # characters of a server's error body quoted in messages
+CHECK_TIMEOUT = 10.0  # the preflight should answer fast even when captions are slow
+
+
+class RequestFailed(RuntimeError):
+    """One caption request failed for good; returned in its slot, not raised."""
+
+
+def is_loopback(api_base: str) -> bool:
+    """True for localhost / 127.x / ::1 addresses, where a local `vllm serve` needs no key."""
+    host = urlsplit(api_base).hostname or ""
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def one_line(text: str, limit: int = BODY_PREVIEW) -> str:
+    """The start of a body on one line, for error messages."""
+    return " ".join(text[:limit].split())
+
+
+def retry_after_seconds(response: requests.Response) -> float | None:
+    """A numeric Retry-After header in seconds; None when absent or an HTTP date."""
+    value = response.headers.get("Retry-After")
+    if value is None:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        return None
+    return max(seconds, 0.0)
+
+
+def image_part(jpeg: bytes) -> dict[str, Any]:
+    url = "data:image/jpeg;base64," + base64.b64encode(jpeg).decode("ascii")
+    return {"type": "image_url", "image_url": {"url": url}}
+
+
+def chat_messages(request: CaptionRequest) -> list[dict[str, Any]]:
+    """One user turn: the images in order, then the prompt."""
+    content = [image_part(jpeg) for jpeg in request.images]
+    content.append({"type": "text", "text": request.prompt})
+    return [{"role": "user", "content": content}]
+
+
+def answer_text(response: requests.Response) -> str:
+    """`choices[0].message.content`, or RequestFailed when the body does not have it."""
+    try:
+        content = response.json()["choices"][0]["message"]["content"]
+    except (ValueError, KeyError, IndexError, TypeError):
+        content = None
+    if not isinstance(content, str):
+        raise RequestFailed(f"malformed response (HTTP {response.status_code}): {one_line(response.text)}")
+    return content
+
+
+def is_retryable(status: int) -> bool:
+    return status == 429 or 500 <= status < 600
+
+
+def is_body_timeout(error: requests.ConnectionError) -> bool:
+    """requests reports a read timeout while downloading the body as a ConnectionError."""
+    return bool(error.args) and isinstance(error.args[0], ReadTimeoutError)
+
+
+def connection_reason(error: requests.RequestException) -> str:
+    """The root cause of a connection error ("[Errno 111] Connection refused"), on one line."""
+    reason = getattr(error.args[0], "reason", None) if error.args else None
+    text = str(reason if reason is not None else error)
+    # urllib3 prefixes the connection object's repr: "HTTPConnection(host=..., port=...): ..."
+    if text.startswith(("HTTPConnection(", "HTTPSConnection(")) and "): " in text:
+        text = text.split("): ", 1)[1]
+    return one_line(text, 300)
+
+
+def new_session() -> requests.Session:
+    return requests.Session()
+
+
+class OpenAIBackend:
+    """Captions through POST {api_base}/chat/completions."""
+
+    def __init__(
+        self,
+        *,
+        api_base: str,
+        model: str,
+        api_key_env: str | None = "OPENAI_API_KEY",
+        concurrency: int = 8,
+        retries: int = 5,
+        timeout: float = 60.0,
+        max_tokens: int = 300,
+        temperature: float = 0.0,
+        backoff: float = 1.0,
+        max_backoff: float = 30.0,
+    ) -> None:
+        if concurrency < 1:
+            raise ValueError(f"concurrency must be at least 1, got {concurrency}")
+        if retries < 0:
+            raise ValueError(f"retries must be 0 or more, got {retries}")
+        self.api_base = api_base.rstrip("/")
+        self.model = model
+        self.api_key_env = api_key_env
+        self.concurrency = concurrency
+        self.retries = retries
+        self.timeout = timeout
+        self.max_tokens = max_tokens
+        self.temperature = temperature
+        self.backoff = backoff
+        self.max_backoff = max_backoff
+        self.sleep: Callable[[float], None] = time.sleep  # tests swap this out to avoid waiting
+        self.api_key = self._read_key()
+
+    def _read_key(self) -> str | None:
+        if self.api_key_env is None:
+            return None
+        key = os.environ.get(self.api_key_env)
+        if key:
+            return key
+        if is_loopback(self.api_base):
+            return None  # a local server without auth: send no Authorization header
+        raise ValueError(
+            f"no API key for {self.api_base}: set the environment variable {self.api_key_env}"
+        )
+
+    def _headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+
+    def _delay(self, attempt: int, response: requests.Response | None = None) -> float:
+        """Seconds to wait before retry number `attempt` + 1; the server's Retry-After wins."""
+        hinted = retry_after_seconds(response) if response is not None else None
+        if hinted is not None:
+            return min(hinted, self.max_backoff)
+        return min(self.backoff * 2**attempt, self.max_backoff)
+
+    # -- preflight ------------------------------------------------------------------------
+
+    def check(self) -> None:
+        """Fail fast, before any work, when the service is unreachable or refuses the key."""
+        url = f"{self.api_base}/models"
+        limit = min(self.timeout, CHECK_TIMEOUT)
+        with requests.Session() as session:
+            for attempt in range(self.retries + 1):
+                try:
+                    response = session.get(url, headers=self._headers(), timeout=(limit, limit))
+                except (requests.ConnectionError, requests.Timeout) as error:
+                    if attempt == self.retries:
+                        raise EndpointDown(f"cannot reach {url}: {connection_reason(error)}") from error
+                    self.sleep(self._delay(attempt))
+                    continue
+                self._check_auth(url, response)
+                return  # any other status (404 without a /models route, even 5xx): the server is up
+
+    def _check_auth(self, url: str, response: requests.Response) -> None:
+        if response.status_code not in (401, 403):
+            return
+        if self.api_key:
+            reason = f"the key in ${self.api_key_env} was refused"
+        else:
+            reason = "it needs an API key" + (f": set ${self.api_key_env}" if self.api_key_env else "")
+        raise EndpointDown(f"{url} answered HTTP {response.status_code}: {reason}")
+
+    # -- captions -------------------------------------------------------------------------
+
+    def generate(self, requests: list[CaptionRequest]) -> list[str | Exception]:
+        """Captions in input order; a failed request leaves its Exception in its slot.
+
+        Raises EndpointDown when the service cannot be reached after the retries.
+        """
+        if not requests:
+            return []
+        stop = threading.Event()  # set when the endpoint is down: the remaining requests skip
+        local = threading.local()
+        sessions = []
+        sessions_lock = threading.Lock()
+
+        def session():
+            # requests.Session is not documented as thread-safe: one per worker thread.
+            if not hasattr(local, "session"):
+                local.session = new_session()
+                with sessions_lock:
+                    sessions.append(local.session)
+            return local.session
+
+        def work(request: CaptionRequest) -> str | Exception:
+            if stop.is_set():
+                return RequestFailed("skipped: the caption endpoint is down")
+            try:
+                return self._post(session(), request, stop)
+            except EndpointDown:
+                stop.set()
+                raise
+
+        workers = min(self.concurrency, len(requests))
+        try:
+            with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="openai-caption") as pool:
+                futures = [pool.submit(work, request) for request in requests]
+                try:
+                    return [future.result() for future in futures]
+                except EndpointDown:
+                    stop.set()
+                    for future in futures:
+                        future.cancel()
+                    raise
+        finally:
+            for s in sessions:
+                s.close()
+
+    def _payload(self, request: CaptionRequest) -> dict[str, Any]:
+        return {
+            "model": self.model,
+            "messages": chat_messages(request),
+            "max_tokens": self.max_tokens,
+            "temperature": self.temperature,
+        }
+
+    def _post(self, session: requests.Session, request: CaptionRequest, stop: threading.Event) -> str | Exception:
+        """One request with retries: the caption, or the Exception that ended it."""
+        url = f"{self.api_base}/chat/completions"
+        payload = self._payload(request)
+        timeout = (min(self.timeout, CHECK_TIMEOUT), self.timeout)
+        failure = ""
+        for attempt in range(self.retries + 1):
+            if attempt and stop.is_set():
+                return RequestFailed(f"gave up after {failure}: the caption endpoint is down")
+            response = None
+            try:
+                response = session.post(url, json=payload, headers=self._headers(), timeout=timeout)
+            except requests.ConnectTimeout as error:  # nothing answered the connect: unreachable
+                if attempt == self.retries:
+                    raise EndpointDown(f"cannot reach {url}: {connection_reason(error)}") from error
+                failure = "connect timeout"
+            except requests.Timeout:
+                failure = f"no answer within {self.timeout:g} s"
+            except requests.ConnectionError as error:
+                if is_body_timeout(error):
+                    failure = f"no answer within {self.timeout:g} s"
+                elif attempt == self.retries:
+                    raise EndpointDown(f"cannot reach {url}: {connection_reason(error)}") from error
+                else:
+                    failure = f"connection error: {connection_reason(error)}"
+            except requests.RequestException as error:  # a bad URL and the like: not worth retrying
+                return RequestFailed(f"request to {url} failed: {one_line(str(error))}")
+            else:
+                if 200 <= response.status_code < 300:
+                    try:
+                        return answer_text(response)
+                    except RequestFailed as error:
+                        return error
+                failure = f"HTTP {response.status_code}: {one_line(response.text)}"
+                if not is_retryable(response.status_code):
+                    return RequestFailed(failure)
+            if attempt < self.retries:
+                delay = self._delay(attempt, response)
+                log.debug("caption request: %s; retry %d in %.1f s", failure, attempt + 1, delay)
+                self.sleep(delay)
+        return RequestFailed(f"{failure} (after {self.retries} retries)")
