@@ -36,7 +36,7 @@ def resolve_device(op: ModelOperator, warn: bool = True) -> str:
         has_cuda = False
     if wanted == "cpu":
         if warn:
-                "%s runs on CPU: expect it to be much slower than on a GPU", op.name)
+            log.warning("%s runs on CPU: expect it to be much slower than on a GPU", op.name)
         return "cpu"
     if not has_cuda:
         raise DeviceError(f"{op.name}: no CUDA GPU here; set `device: cpu` to run it on CPU (slow)")
