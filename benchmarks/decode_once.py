@@ -10,7 +10,7 @@ take their frames from the same pass. This script measures, over one corpus of v
       on each video; its frames decoded are the video's frames.
   (c) `shot_split` alone through the engine (`bricks.engine.run.run`); frames decoded are the
       manifest's `decode.frames`.
-  (d) the demo recipe (recipes/demo.yaml's process list, with its shot_split detector set to
+  (d) the demo recipe (recipes/brickfilm_cpu.yaml's process list, with its shot_split detector set to
       `--detector`) through the engine in the same executor mode as (c).
 
 Each is run `--repeat` times, interleaved (a, b, c, d, a, b, c, d, ...) so that drift on a
@@ -62,7 +62,7 @@ from bricks.engine.recipe import Recipe, from_dict
 from bricks.engine.run import run
 from bricks.engine.synthetic import ShotSpec, VideoTruth, write_video
 
-DEMO_RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "demo.yaml"
+DEMO_RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "brickfilm_cpu.yaml"
 MEMORY_TARGET_BYTES = 2 << 30
 TARGETS = {"c_vs_a": 1.2, "b_vs_c": 1.5, "d_vs_a": 1.5, "d_frames": 1.1}
 LABELS = {

@@ -155,22 +155,37 @@ def _model_files(recipe: str, overrides):
         _fail(exc)
     for step in plan.model_steps:
         files = step.op.model_files()
-        if not files:
+        if step.op.tiny_preset:
             click.echo(f"{step.op.name}: tiny random-init preset, no weights needed")
+        elif not files:
+            click.echo(f"{step.op.name}: no local weights (served by an endpoint)")
         for spec in files:
             yield step, spec, status(spec)
+
+
+# The demo runs the real recipe with every model swapped for its tiny random-init preset on
+# CPU, and shot detection set for the synthetic shots (20-260 frames).
+DEMO_OVERRIDES = (
+    "process.resolution_filter.min_width=160", "process.resolution_filter.min_height=90",
+    "process.shot_split.min_scene_len=15",
+    "process.encode_clips.short_side=180",
+    "process.aesthetic_filter.preset=tiny", "process.aesthetic_filter.device=cpu",
+    "process.aesthetic_filter.min_score=0", "process.aesthetic_filter.batch_size=16",
+    "process.vlm_caption.preset=tiny", "process.vlm_caption.backend=transformers",
+    "process.vlm_caption.device=cpu", "process.vlm_caption.batch_size=8", "process.vlm_caption.max_new_tokens=24",
+)
 
 
 @main.command()
 @click.option("--workdir", default="demo", show_default=True, type=click.Path(file_okay=False),
               help="Where the corpus and the output go.")
 @click.option("--num-videos", default=6, show_default=True, help="Synthetic videos to generate.")
-@click.option("--recipe", "recipe_path", default=str(RECIPES_DIR / "demo.yaml"), show_default=True,
+@click.option("--recipe", "recipe_path", default=str(RECIPES_DIR / "brickfilm.yaml"), show_default=True,
               type=click.Path(dir_okay=False))
 @click.option("--local", "local", is_flag=True, help="Run in-process without Ray.")
 @set_option
 def demo(workdir: str, num_videos: int, recipe_path: str, local: bool, overrides: tuple[str, ...]) -> None:
-    """Generate synthetic brick-film videos and run the demo recipe over them."""
+    """Generate synthetic brick-film videos and run the Text2Bricks recipe over them with tiny models."""
     from .synthetic import generate_corpus
 
     videos = Path(workdir) / "videos"
@@ -179,7 +194,7 @@ def demo(workdir: str, num_videos: int, recipe_path: str, local: bool, overrides
         generate_corpus(videos, num_videos=num_videos)
     ctx = click.get_current_context()
     ctx.invoke(run, recipe=recipe_path, local=local, address=None, overwrite=True, strict=True,
-               overrides=(f"input={videos}", f"output={Path(workdir) / 'out'}", *overrides))
+               overrides=(f"input={videos}", f"output={Path(workdir) / 'out'}", *DEMO_OVERRIDES, *overrides))
 
 
 if __name__ == "__main__":

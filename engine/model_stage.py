@@ -48,7 +48,7 @@ class DeviceError(RuntimeError):
 
 
 def ray_resources(op: ModelOperator) -> dict[str, float]:
-    return {"num_gpus": 0.0 if op.params.device == "cpu" else op.params.num_gpus}
+    return {"num_gpus": 0.0 if op.params.device == "cpu" else op.params.num_gpus, "num_cpus": op.params.num_cpus}
 
 
 def _rows(table: pa.Table) -> list[dict[str, Any]]:
@@ -155,7 +155,7 @@ def load_model(op: ModelOperator) -> None:
     if op.model is None:
         device = resolve_device(op)
         op.load(device)
-        if not op.model_files():
+        if op.tiny_preset:
             warn_tiny(op.name)
         ModelActor.loads += 1
 

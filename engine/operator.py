@@ -175,6 +175,9 @@ class ModelParams(OperatorParams):
     batch_size: int = Field(default=16, ge=1)
     pool_size: int = Field(default=1, ge=1)
     """Actors in the pool: each loads the model once."""
+    num_cpus: float = Field(default=0.25, ge=0)
+    """CPUs reserved per actor. Small: an actor mostly waits on its GPU, and on a small machine
+    whole CPUs held by idle actors would leave none for decoding."""
 
 
 class ModelOperator(Operator):
@@ -193,6 +196,11 @@ class ModelOperator(Operator):
     def model_files(self) -> list:
         """`bricks.engine.models.ModelFile`s this operator loads (none for tiny presets)."""
         return []
+
+    @property
+    def tiny_preset(self) -> bool:
+        """True when the operator runs a random-init test model (it then says so when loaded)."""
+        return getattr(self.params, "preset", None) == "tiny"
 
     def check(self) -> None:
         """Runs before any video is decoded (e.g. that an endpoint answers)."""

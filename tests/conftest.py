@@ -16,7 +16,7 @@ import yaml
 
 from bricks.engine.synthetic import ShotSpec, generate_corpus, write_video
 
-DEMO_PROCESS = yaml.safe_load((Path(__file__).parents[1] / "recipes" / "demo.yaml").read_text())["process"]
+CPU_PROCESS = yaml.safe_load((Path(__file__).parents[1] / "recipes" / "brickfilm_cpu.yaml").read_text())["process"]
 
 
 @pytest.fixture(scope="session")

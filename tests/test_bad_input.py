@@ -13,7 +13,7 @@ from bricks.engine.recipe import from_dict
 from bricks.engine.run import run
 from bricks.engine.synthetic import ShotSpec, write_vfr_video, write_video
 
-from conftest import DEMO_PROCESS, read_manifest, read_rejects, read_shards, write_recipe
+from conftest import CPU_PROCESS, read_manifest, read_rejects, read_shards, write_recipe
 
 
 def reasons_by_source(rejects):
@@ -30,7 +30,7 @@ def test_bad_inputs_are_reported_and_the_run_goes_on(tmp_path, bad_inputs):
     uris = [str(p) for p in bad_inputs.values()] + [str(tmp_path / "missing.mp4")]
     listing.write_text("\n".join(uris) + "\n")
     manifest = run(from_dict({"input": str(listing), "output": str(out), "executor": {"mode": "local"},
-                              "process": DEMO_PROCESS}))
+                              "process": CPU_PROCESS}))
     reasons = reasons_by_source(read_rejects(out))
     expect = {
         "zero_byte": "empty file (0 bytes)",

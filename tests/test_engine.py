@@ -11,13 +11,13 @@ from bricks.engine.recipe import from_dict
 from bricks.engine.run import run
 from bricks.engine.schema import BASE_COLUMNS
 
-from conftest import DEMO_PROCESS, read_manifest, read_rejects, read_shards
+from conftest import CPU_PROCESS, read_manifest, read_rejects, read_shards
 
 
 def run_demo(tmp_path, corpus, name, **executor):
     out = tmp_path / name
     manifest = run(from_dict({"input": str(corpus[0]), "output": str(out), "executor": executor,
-                              "process": DEMO_PROCESS}))
+                              "process": CPU_PROCESS}))
     return read_shards(out), read_rejects(out), manifest
 
 

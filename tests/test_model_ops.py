@@ -53,10 +53,13 @@ class CountLoads(ModelOperator):
 '''
 
 
-def aesthetic_recipe(corpus, out, mode="local", **params):
+def aesthetic_recipe(corpus, out, mode="local", caption=False, **params):
+    process = [{"shot_split": {}}, {"clip_length": {}}, {"middle_frame": {}}, {"aesthetic_filter": {**TINY, **params}}]
+    if caption:
+        process.append({"vlm_caption": {"preset": "tiny", "backend": "transformers", "device": "cpu",
+                                        "batch_size": 8, "max_new_tokens": 6}})
     return from_dict({"input": str(corpus[0]), "output": str(out), "executor": {"mode": mode, "num_cpus": 2},
-                      "process": [{"shot_split": {}}, {"clip_length": {}}, {"middle_frame": {}},
-                                  {"aesthetic_filter": {**TINY, **params}}]})
+                      "process": process})
 
 
 def test_aesthetic_filter_scores_every_sample_and_filters(tmp_path, corpus):
@@ -74,9 +77,10 @@ def test_aesthetic_filter_scores_every_sample_and_filters(tmp_path, corpus):
     assert manifest["accounted"]
 
 
-def test_model_stage_on_ray_matches_in_process(tmp_path, corpus):
-    run(aesthetic_recipe(corpus, tmp_path / "local", min_score=0.077))
-    run(aesthetic_recipe(corpus, tmp_path / "ray", mode="ray", min_score=0.077, pool_size=1))
+def test_model_stages_on_ray_match_in_process(tmp_path, corpus):
+    # Two actor pools on two CPUs: they must leave room for the decoding tasks.
+    run(aesthetic_recipe(corpus, tmp_path / "local", caption=True, min_score=0.077))
+    run(aesthetic_recipe(corpus, tmp_path / "ray", mode="ray", caption=True, min_score=0.077, pool_size=1))
     assert read_shards(tmp_path / "ray").equals(read_shards(tmp_path / "local"))
     assert read_manifest(tmp_path / "ray")["ops"][3]["dropped"] == read_manifest(tmp_path / "local")["ops"][3]["dropped"]
 
