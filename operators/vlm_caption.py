@@ -20,7 +20,7 @@ import cv2
 from pydantic import Field, model_validator
 
 from bricks.engine.models import ModelFile, resolve
-from bricks.engine.operator import FrameRequest, ModelOperator, ModelParams
+from bricks.engine.operator import FatalModelError, FrameRequest, ModelOperator, ModelParams
 from bricks.engine.registry import register
 
 from .vlm_backends.base import CaptionRequest
@@ -113,7 +113,10 @@ class VlmCaption(ModelOperator):
 
     def check(self) -> None:
         if self.params.backend == "openai":
-            self._openai().check()
+            try:
+                self._openai().check()
+            except ValueError as exc:  # e.g. the API key variable is not set
+                raise FatalModelError(f"{self.name}: {exc}") from None
 
     def _openai(self):
         from .vlm_backends.openai_backend import OpenAIBackend

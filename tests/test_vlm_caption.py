@@ -147,3 +147,9 @@ def test_missing_vlm_folder_is_a_clear_error(tmp_path, corpus):
                                                                          "model_path": str(tmp_path / "nope")}}]})
     with pytest.raises(MissingModelError, match="does not exist"):
         run(recipe)
+
+
+def test_a_missing_api_key_is_a_clear_error(tmp_path, corpus, monkeypatch):
+    monkeypatch.delenv("MY_KEY", raising=False)
+    with pytest.raises(FatalModelError, match=r"vlm_caption: .*MY_KEY"):
+        run(caption_recipe(corpus, tmp_path / "out", api_base="https://api.example.invalid/v1", api_key_env="MY_KEY"))
