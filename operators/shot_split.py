@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Literal
 
+import cv2
 import numpy as np
 from scenedetect import AdaptiveDetector, ContentDetector, ThresholdDetector
 from scenedetect.common import FrameTimecode
@@ -48,10 +49,10 @@ class ShotSplit(Segmenter):
         p = self.params
         if p.detector == "content":
             kwargs = {} if p.threshold is None else {"threshold": p.threshold}
-            return ContentDetector(min_scene_len=p.min_scene_len, **kwargs)
+            return FastContentDetector(min_scene_len=p.min_scene_len, **kwargs)
         if p.detector == "adaptive":
             kwargs = {} if p.threshold is None else {"adaptive_threshold": p.threshold}
-            return AdaptiveDetector(min_scene_len=p.min_scene_len, min_content_val=p.min_content_val, **kwargs)
+            return FastAdaptiveDetector(min_scene_len=p.min_scene_len, min_content_val=p.min_content_val, **kwargs)
         kwargs = {} if p.threshold is None else {"threshold": p.threshold}
         return ThresholdDetector(min_scene_len=p.min_scene_len, **kwargs)
 
@@ -62,6 +63,36 @@ class ShotSplit(Segmenter):
         lag = None if self.params.detector == "threshold" else max(
             detector.event_buffer_length, self.params.min_scene_len) + 1
         return _DetectorTracker(detector, sample["fps"], lag)
+
+
+class _ExactFastScore:
+    """PySceneDetect's content score, the weighted mean over hue, saturation, value (and edges
+    when weighted) of the mean absolute difference to the previous frame, summed by OpenCV
+    from uint8 differences instead of through int32 copies: the same integers in the same
+    order, so the same float (tested), at a fraction of the per-frame cost."""
+
+    _previous: list[np.ndarray] | None = None
+
+    def _calculate_frame_score(self, timecode, frame_img: np.ndarray) -> float:
+        channels = list(cv2.split(cv2.cvtColor(frame_img, cv2.COLOR_BGR2HSV)))
+        weights = self._weights
+        if weights.delta_edges > 0.0:
+            channels.append(self._detect_edges(channels[2]))
+        previous, self._previous = self._previous, channels
+        if previous is None:
+            return 0.0
+        pixels = float(frame_img.shape[0] * frame_img.shape[1])
+        deltas = [cv2.sumElems(cv2.absdiff(now, before))[0] / pixels for now, before in zip(channels, previous)]
+        deltas += [0.0] * (4 - len(deltas))  # no edge term unless it is weighted
+        return sum(d * w for d, w in zip(deltas, weights)) / sum(abs(w) for w in weights)
+
+
+class FastContentDetector(_ExactFastScore, ContentDetector):
+    pass
+
+
+class FastAdaptiveDetector(_ExactFastScore, AdaptiveDetector):
+    pass
 
 
 class _DetectorTracker(SegmentTracker):

@@ -161,3 +161,19 @@ def test_outputs_are_deterministic_and_ids_stable(tmp_path, corpus):
     assert len(set(a.column("sample_id").to_pylist())) == a.num_rows
     c, _, _ = run_process(tmp_path / "c", folder, process[:3] + [{"middle_frame": {"jpeg_quality": 80}}])
     assert set(c.column("sample_id").to_pylist()).isdisjoint(a.column("sample_id").to_pylist())
+
+
+@pytest.mark.parametrize("detector", ["content", "adaptive"])
+def test_fast_content_score_is_pyscenedetects_to_the_bit(corpus, detector):
+    from scenedetect.common import FrameTimecode
+
+    from bricks.operators.shot_split import FastAdaptiveDetector, FastContentDetector
+
+    ours, theirs = ((FastContentDetector(), scenedetect.ContentDetector()) if detector == "content"
+                    else (FastAdaptiveDetector(), scenedetect.AdaptiveDetector()))
+    with av.open(corpus[1][0].path) as container:
+        for i, frame in enumerate(container.decode(video=0)):
+            bgr = frame.to_ndarray(format="bgr24")
+            cuts = (ours.process_frame(FrameTimecode(i, 24.0), bgr), theirs.process_frame(FrameTimecode(i, 24.0), bgr))
+            assert ours._frame_score == theirs._frame_score, i
+            assert cuts[0] == cuts[1]
