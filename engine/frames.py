@@ -10,6 +10,7 @@ that need them are served by decoding just that range again (`RangeFrames`).
 from __future__ import annotations
 
 import math
+import threading
 from typing import Protocol
 
 import av
@@ -96,6 +97,8 @@ class FrameBuffer:
         self.peak_bytes = 0
         self.overflowed = False  # frames of the open shot are being given up
         self._scaler = scaler()
+        # Frames are added by the decoding thread and released by the shot worker.
+        self._lock = threading.Lock()
 
     def add(self, index: int, frame: av.VideoFrame, rotation: int) -> None:
         if self.overflowed:
@@ -106,22 +109,21 @@ class FrameBuffer:
             if (tw, th) != (frame.width, frame.height):
                 frame = reformat(self._scaler, frame, tw, th, None)
         size = sum(p.buffer_size for p in frame.planes)
-        if self.bytes + size > self.budget_bytes:
-            self.clear()
-            self.overflowed = True
-            return
-        self.frames[index] = frame
-        self.bytes += size
-        self.peak_bytes = max(self.peak_bytes, self.bytes)
+        with self._lock:
+            if self.bytes + size > self.budget_bytes:
+                self.frames.clear()
+                self.bytes = 0
+                self.overflowed = True
+                return
+            self.frames[index] = frame
+            self.bytes += size
+            self.peak_bytes = max(self.peak_bytes, self.bytes)
 
     def release_before(self, index: int) -> None:
-        for i in [i for i in self.frames if i < index]:
-            frame = self.frames.pop(i)
-            self.bytes -= sum(p.buffer_size for p in frame.planes)
-
-    def clear(self) -> None:
-        self.frames.clear()
-        self.bytes = 0
+        with self._lock:
+            for i in [i for i in self.frames if i < index]:
+                frame = self.frames.pop(i)
+                self.bytes -= sum(p.buffer_size for p in frame.planes)
 
     def start_shot(self) -> None:
         # Frames of the next shot that arrived before this call were not kept; requests that
@@ -147,18 +149,19 @@ class BufferedFrames:
         if image is not None:
             return serve_image(image, req)
         indices = request_indices(req, sample["start_frame"], sample["end_frame"], self.fps)
-        if self.fallback is not None and any(i not in self.frames for i in indices):
+        try:
+            return Frames(indices, [self._array(i, req) for i in indices])
+        except KeyError:
+            # Given up by the buffer (over budget), possibly while this shot waited its turn.
+            if self.fallback is None:
+                raise LookupError(f"frames of [{sample['start_frame']}, {sample['end_frame']}) "
+                                  "were not decoded (source ended early?)") from None
             return self.fallback.serve(sample, req)
-        return Frames(indices, [self._array(i, req) for i in indices])
 
     def _array(self, index: int, req: FrameRequest) -> np.ndarray:
         key = (index, req.short_side, req.pixel_format)
         if key not in self._cache:
-            try:
-                frame = self.frames[index]
-            except KeyError:
-                raise LookupError(f"frame {index} was not decoded (source ended early?)") from None
-            self._cache[key] = to_array(frame, req, self.rotation, self._scaler)
+            self._cache[key] = to_array(self.frames[index], req, self.rotation, self._scaler)
         return self._cache[key]
 
 
@@ -187,8 +190,8 @@ class RangeFrames:
     def __init__(self, uri: str, pts_by_index: list[int | None], fps: float, rotation: int, threads: int,
                  requests: tuple[FrameRequest, ...] = ()) -> None:
         self.uri = uri
-        self.pts_by_index = pts_by_index
-        self.index_by_pts = {p: i for i, p in enumerate(pts_by_index) if p is not None}
+        self.pts_by_index = list(pts_by_index)  # a snapshot: decoding goes on while shots are served
+        self.index_by_pts = {p: i for i, p in enumerate(self.pts_by_index) if p is not None}
         self.fps = fps
         self.rotation = rotation
         self.threads = threads

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import time
 import traceback
-from collections import defaultdict
+from collections import defaultdict, deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -205,7 +206,14 @@ def process_source(plan: Plan, uri: str) -> SourceResult:
 
 
 class _ShotRunner:
-    """Runs the per-shot operators on the parts of the decoded video that are settled."""
+    """Runs the per-shot operators on the parts of the decoded video that are settled.
+
+    Deciding what is settled happens on the decoding thread; running the operators on it
+    happens on one worker thread, so that optical flow, encoding and the like overlap with
+    decoding and shot detection (OpenCV and FFmpeg release the GIL). At most `MAX_PENDING`
+    jobs wait, which bounds the frames held for them."""
+
+    MAX_PENDING = 2
 
     def __init__(self, plan: Plan, source: Sample, ctx: SourceContext, result: SourceResult) -> None:
         self.plan, self.source, self.ctx, self.result = plan, source, ctx, result
@@ -218,12 +226,33 @@ class _ShotRunner:
         self.settled = 0
         first = plan.post[0] if plan.post else None
         self.windowing = first if isinstance(getattr(first, "op", None), FanOut) and not first.op.needs_frames else None
-        self.seconds = 0.0  # spent in per-shot operators, not decoding
+        self.waited = 0.0  # the decoding thread's time blocked on the worker
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bricks-shots")
+        self._pending: deque[Future] = deque()
 
     def shot(self, end: int) -> Sample:
         return self.ctx.finalize(clip_of(self.source, self.shot_start, end, within_parent=False))
 
-    def _run(self, samples: list[Sample], steps: list[Step]) -> None:
+    def _submit(self, samples: list[Sample], steps: list[Step], release_before: int) -> None:
+        self._pending.append(self._worker.submit(self._run, samples, steps, release_before))
+        while len(self._pending) > self.MAX_PENDING:
+            self._wait_one()
+
+    def _wait_one(self) -> None:
+        started = time.perf_counter()
+        try:
+            self._pending.popleft().result()  # re-raises what went wrong in the worker
+        finally:
+            self.waited += time.perf_counter() - started
+
+    def finish(self) -> None:
+        try:
+            while self._pending:
+                self._wait_one()
+        finally:
+            self._worker.shutdown(wait=True, cancel_futures=True)
+
+    def _run(self, samples: list[Sample], steps: list[Step], release_before: int) -> None:
         ctx, buffer = self.ctx, self.buffer
         fallback = RangeFrames(ctx.info.uri, self.pts_by_index, ctx.info.fps, ctx.rotation,
                                self.plan.executor.decode_threads, self.plan.frame_requests)
@@ -238,12 +267,12 @@ class _ShotRunner:
         self.result.frames_decoded += fallback.frames_decoded
         if buffer is not None:
             self.result.buffer_peak_bytes = max(self.result.buffer_peak_bytes, buffer.peak_bytes)
+            buffer.release_before(release_before)
 
     def settle(self, known_end: int) -> None:
         """The open shot lasts at least until `known_end`: process the windows that settles."""
         if self.windowing is None or known_end <= max(self.settled, self.shot_start):
             return
-        started = time.perf_counter()
         op = self.windowing.op
         partial = dict(self.source, start_frame=self.shot_start, end_frame=known_end)
         until = op.final_before(partial, known_end)
@@ -251,18 +280,14 @@ class _ShotRunner:
             windows = [self.ctx.finalize(c) for c in op.split(self.shot(known_end), [])
                        if not isinstance(c, Dropped) and self.settled <= c["start_frame"] and c["end_frame"] <= until]
             self.result.ops[self.windowing.label].n_out += len(windows)
-            self._run(windows, self.plan.post[1:])
+            self._submit(windows, self.plan.post[1:], until)
             self.settled = until
-            if self.buffer is not None:
-                self.buffer.release_before(until)
-        self.seconds += time.perf_counter() - started
 
     def close(self, end: int, whole_source: bool = False) -> None:
         if end <= self.shot_start:
             return
-        started = time.perf_counter()
         if whole_source:
-            self._run([self.ctx.decoded(self.source)], self.plan.post)
+            self._submit([self.ctx.decoded(self.source)], self.plan.post, end)
         elif self.settled > self.shot_start:
             # Part of this shot went ahead in windows: split it again, run only the rest.
             step = self.windowing
@@ -270,18 +295,26 @@ class _ShotRunner:
             children = apply_step(step, self.shot(end), NoFrames(), self.ctx, self.result)
             rest = [c for c in children if c["start_frame"] >= self.settled]
             stats.n_out -= len(children) - len(rest)
-            self._run(rest, self.plan.post[1:])
+            self._submit(rest, self.plan.post[1:], end)
         else:
-            self._run([self.shot(end)], self.plan.post)
+            self._submit([self.shot(end)], self.plan.post, end)
         if self.buffer is not None:
-            self.buffer.release_before(end)
             self.buffer.start_shot()
         self.shot_start = end
-        self.seconds += time.perf_counter() - started
 
 
 def _decode_pass(plan: Plan, source: Sample, ctx: SourceContext, result: SourceResult) -> None:
     """One sequential decode; shots are processed as soon as the segmenter closes them."""
+    runners: list[_ShotRunner] = []
+    try:
+        _decode_and_cut(plan, source, ctx, result, runners)
+    finally:
+        for shots in runners:  # wait for the shots still being processed, whatever happened
+            shots.finish()
+
+
+def _decode_and_cut(plan: Plan, source: Sample, ctx: SourceContext, result: SourceResult,
+                    runners: list) -> None:
     segmenter = plan.segmenter
     tracker = segmenter.op.start(source) if segmenter else None
     seg_stats = result.ops[segmenter.label] if segmenter else None
@@ -295,6 +328,7 @@ def _decode_pass(plan: Plan, source: Sample, ctx: SourceContext, result: SourceR
             if decoded.index == 0:
                 ctx.rotation = int(decoded.frame.rotation or 0) % 360
                 shots = _ShotRunner(plan, ctx.oriented(source), ctx, result)
+                runners.append(shots)
                 if segmenter is not None:
                     detect_size = segmenter.op.frame_size(decoded.frame.width, decoded.frame.height)
             ctx.times.append(decoded.time)
@@ -319,7 +353,7 @@ def _decode_pass(plan: Plan, source: Sample, ctx: SourceContext, result: SourceR
     num_frames = len(ctx.times)
     result.frames_decoded += num_frames
     elapsed = time.perf_counter() - started
-    result.decode_seconds += elapsed - (shots.seconds if shots else 0.0) - (seg_stats.seconds if seg_stats else 0.0)
+    result.decode_seconds += elapsed - (shots.waited if shots else 0.0) - (seg_stats.seconds if seg_stats else 0.0)
     if num_frames == 0:
         result.reject(None, "decode", "failed", str(error) if error else "no frames could be decoded")
         return
