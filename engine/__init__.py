@@ -2,9 +2,11 @@
 
 Operator authors need only these names (see the README's "Writing a custom operator")."""
 
-from .operator import FanOut, Filter, FrameRequest, Frames, Mapper, OperatorParams, Resources, Segmenter
+from .operator import (FanOut, FatalModelError, Filter, FrameRequest, Frames, Mapper, ModelOperator, ModelParams,
+                       OperatorParams, Resources, Segmenter)
 from .registry import register
 from .samples import Drop, Dropped, clip_of, image_of
 
-__all__ = ["FanOut", "Filter", "FrameRequest", "Frames", "Mapper", "OperatorParams", "Resources", "Segmenter",
+__all__ = ["FanOut", "FatalModelError", "Filter", "FrameRequest", "Frames", "Mapper", "ModelOperator", "ModelParams",
+           "OperatorParams", "Resources", "Segmenter",
            "register", "Drop", "Dropped", "clip_of", "image_of"]
