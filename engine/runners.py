@@ -15,6 +15,7 @@ from typing import Iterator
 
 import pyarrow as pa
 
+from .model_stage import ModelActor, preprocess_table, ray_resources
 from .pipeline import SourceResult, process_source
 from .plan import Plan
 from .recipe import ExecutorConfig
@@ -84,8 +85,6 @@ def _process(plan: Plan, index: int, uri: str) -> pa.Table:
 
 
 def run_local(plan: Plan, sources: list[tuple[int, str]]) -> Iterator[pa.Table]:
-    from .model_stage import ModelActor, preprocess_table
-
     plan.setup()
     schema = result_schema(plan)
     actors = [ModelActor(plan, k) for k in range(len(plan.model_steps))]
@@ -137,8 +136,6 @@ def run_ray(plan: Plan, sources: list[tuple[int, str]]) -> Iterator[pa.Table]:
                         num_cpus=plan.cpus_per_source)
     schema = result_schema(plan)
     for k, step in enumerate(plan.model_steps):
-        from .model_stage import ModelActor, preprocess_table, ray_resources
-
         # Pre-processing is a CPU stage of its own, so the model's actors never wait on it.
         # Its half CPU also keeps Ray from fusing it into the decode tasks or the actors
         # (fused into an actor pool, decoding would run on `pool_size` workers only).
