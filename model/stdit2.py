@@ -23,6 +23,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from .hub import locate
 from .layers import (
     CaptionEmbedder,
     CrossAttention,
@@ -281,9 +282,12 @@ class STDiT2(nn.Module):
     def from_pretrained(cls, path: str | Path, config: STDiT2Config | dict | None = None,
                         strict: bool = True, **overrides: Any) -> "STDiT2":
         """A Hugging Face folder (config.json + model.safetensors), or a bare .safetensors /
-        .pt / .pth state dict with `config` given. Missing or unexpected keys are reported
-        (an error when `strict`); a shape mismatch is an error naming the key."""
+        .pt / .pth state dict with `config` given, or a repo id already in the Hugging Face
+        cache (never downloaded). Missing or unexpected keys are reported (an error when
+        `strict`); a shape mismatch is an error naming the key."""
         path = Path(path)
+        if not path.exists() and str(path).count("/") == 1 and not str(path).startswith((".", "~")):
+            path = locate(str(path), "STDiT2", [("config.json",), ("model.safetensors",)])
         if path.is_dir():
             config_file = path / "config.json"
             if config is None:
