@@ -66,11 +66,15 @@ class FakeServer:
                     hit = len(server.chat_hits()) - 1
                     server.in_flight += 1
                     server.max_in_flight = max(server.max_in_flight, server.in_flight)
+                # A request is in flight until its reply starts: the client may send its next
+                # one as soon as it has read this reply, before this handler returns.
                 try:
-                    self._send(server.chat(hit, body))
+                    status, headers, payload, delay = server.chat(hit, body)
+                    time.sleep(delay)
                 finally:
                     with server.lock:
                         server.in_flight -= 1
+                self._send((status, headers, payload, 0.0))
 
             def _send(self, reply: Reply) -> None:
                 status, headers, payload, delay = reply
