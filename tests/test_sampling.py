@@ -82,6 +82,29 @@ def test_t5_loads_a_saved_folder(tmp_path, t5):
     assert torch.equal(a["mask"], b["mask"]) and torch.allclose(a["y"], b["y"])
 
 
+def test_t5_loads_a_sentencepiece_folder_like_deepfloyds(tmp_path):
+    """DeepFloyd/t5-v1_1-xxl ships spiece.model and a tokenizer_config.json naming T5Tokenizer."""
+    import json
+
+    import sentencepiece as spm
+    from transformers import T5Config, T5EncoderModel
+
+    folder = tmp_path / "t5-v1_1"
+    folder.mkdir()
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("a red brick walks down the street\nblue bricks build a small house\n" * 50)
+    spm.SentencePieceTrainer.train(input=str(corpus), model_prefix=str(folder / "spiece"), vocab_size=30,
+                                   pad_id=0, eos_id=1, unk_id=2, bos_id=-1, minloglevel=2)
+    (folder / "spiece.vocab").unlink()
+    (folder / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "T5Tokenizer", "extra_ids": 0}))
+    T5EncoderModel(T5Config(vocab_size=30, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+                            feed_forward_proj="gated-gelu")).save_pretrained(folder)
+    encoder = T5TextEncoder.from_pretrained(folder, model_max_length=12)
+    assert encoder.tokenizer("a red brick")["input_ids"][-1] == 1  # ends with </s>
+    out = encoder.encode(["a red brick", "a"])
+    assert out["y"].shape == (2, 1, 12, 32) and out["mask"][1].sum() < out["mask"][0].sum()
+
+
 def test_aspect_ratios_follow_open_sora():
     assert frame_size("360p", "16:9") == (360, 640)
     assert frame_size("360p", "9:16") == (640, 360)
