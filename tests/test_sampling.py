@@ -94,7 +94,7 @@ def test_t5_loads_a_sentencepiece_folder_like_deepfloyds(tmp_path):
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("a red brick walks down the street\nblue bricks build a small house\n" * 50)
     spm.SentencePieceTrainer.train(input=str(corpus), model_prefix=str(folder / "spiece"), vocab_size=30,
-                                   pad_id=0, eos_id=1, unk_id=2, bos_id=-1, minloglevel=2)
+                                   pad_id=0, eos_id=1, unk_id=2, bos_id=-1, hard_vocab_limit=False, minloglevel=2)
     (folder / "spiece.vocab").unlink()
     (folder / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "T5Tokenizer", "extra_ids": 0}))
     T5EncoderModel(T5Config(vocab_size=30, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
