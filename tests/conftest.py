@@ -90,3 +90,31 @@ def read_manifest(out: Path) -> dict:
 
 def short_video(path: Path, shots=((30, False), (30, False)), **kwargs):
     return write_video(path, [ShotSpec(n, static=s, seed=i) for i, (n, s) in enumerate(shots)], **kwargs)
+
+
+def _run_caption_recipe(corpus_dir: Path, out: Path, encode: bool) -> Path:
+    from bricks.engine.recipe import from_dict
+    from bricks.engine.run import run
+
+    process = [{"shot_split": {"min_scene_len": 15}}, {"clip_length": {"min_frames": 15, "max_frames": 60}},
+               {"middle_frame": {}}]
+    if encode:
+        process.append({"encode_clips": {}})
+    process.append({"vlm_caption": {"backend": "transformers", "preset": "tiny", "device": "cpu", "batch_size": 8,
+                                    "max_new_tokens": 6}})
+    run(from_dict({"input": str(corpus_dir), "output": str(out), "executor": {"mode": "local"}, "process": process}))
+    return out
+
+
+@pytest.fixture(scope="session")
+def brick_shards(tmp_path_factory, corpus) -> Path:
+    """`bricks-dj` output over the synthetic corpus: captioned clips (MP4 in `media`) and images."""
+    pytest.importorskip("transformers")
+    return _run_caption_recipe(corpus[0], tmp_path_factory.mktemp("shards") / "out", encode=True)
+
+
+@pytest.fixture(scope="session")
+def reference_shards(tmp_path_factory, corpus) -> Path:
+    """The same in reference mode: clips point at their source files (`path`)."""
+    pytest.importorskip("transformers")
+    return _run_caption_recipe(corpus[0], tmp_path_factory.mktemp("refshards") / "out", encode=False)
