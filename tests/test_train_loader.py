@@ -13,6 +13,7 @@ torch = pytest.importorskip("torch")
 from torch.utils.data import DataLoader  # noqa: E402
 
 from bricks.train.buckets import Buckets  # noqa: E402
+from bricks.train.decode import normalize  # noqa: E402
 from bricks.train.loader import LoaderStateError, ShardDataset  # noqa: E402
 from bricks.train.shards import ShardError, ShardIndex  # noqa: E402
 
@@ -44,7 +45,9 @@ def test_batches_hold_every_sample_once_as_pixels(brick_shards):
     for b in out:
         T = b["num_frames"]
         assert b["video"].shape == (len(b["sample_id"]), 3, T, 144, 256) and (b["height"], b["width"]) == (144, 256)
-        assert b["video"].min() >= -1 and b["video"].max() <= 1 and b["video"].std() > 0.05
+        assert b["video"].dtype == torch.uint8
+        pixels = normalize(b["video"])
+        assert pixels.min() >= -1 and pixels.max() <= 1 and pixels.std() > 0.05
         assert b["text"] == [captions[i] for i in b["sample_id"]]
         assert b["fps"].tolist() == [120.0 if T == 1 else 24.0] * len(b["sample_id"])
         assert len(b["sample_id"]) <= {1: 4, 8: 2, 16: 3}[T]

@@ -5,7 +5,8 @@
 plays one stream of the epoch plan: it reads its own row groups once each, decodes the rows
 that its batches need, and keeps in memory only rows waiting for a later batch.
 
-A batch is a dict: `video` [B, 3, T, H, W] in [-1, 1], `text`, `sample_id`, `fps` [B], the
+A batch is a dict: `video` [B, 3, T, H, W] uint8 (`decode.normalize` maps it to [-1, 1] on
+the training device), `text`, `sample_id`, `fps` [B], the
 bucket's `num_frames`, `height`, `width`, `bucket`, and `skipped`: (sample id, reason) of rows
 that could not be decoded (the batch is smaller by them, possibly empty; never a crash).
 """
@@ -144,7 +145,7 @@ class ShardDataset(IterableDataset):
             texts.append(row["text"])
             ids.append(sample_id)
             fps.append(IMAGE_FPS if num_frames == 1 or not row.get("fps") else float(row["fps"]))
-        video = torch.stack(videos) if videos else torch.zeros(0, 3, num_frames, height, width)
+        video = torch.stack(videos) if videos else torch.zeros(0, 3, num_frames, height, width, dtype=torch.uint8)
         return {"video": video, "text": texts, "sample_id": ids, "fps": torch.tensor(fps, dtype=torch.float32),
                 "num_frames": num_frames, "height": height, "width": width, "bucket": str(batch.bucket),
                 "skipped": skipped}
