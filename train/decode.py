@@ -68,7 +68,7 @@ def read_clip(source: bytes | str, num_frames: int, frame_interval: int, size: t
             length = (end_frame - start_frame) if end_frame is not None else declared
             if length <= 0:
                 # Frame count unknown: decode once to count, then pick from what was decoded.
-                frames = [f for f in container.decode(stream)]
+                frames = list(container.decode(stream))
                 length = len(frames)
             else:
                 frames = None
@@ -89,7 +89,7 @@ def _pick_frames(container, stream, frames, wanted: np.ndarray, start_frame: int
     """The frames at `wanted` positions (relative to start_frame), decoding no further than the last."""
     if frames is not None:
         return [frames[i] for i in wanted if i < len(frames)]
-    targets = {start_frame + int(i): n for n, i in enumerate(wanted)}  # repeats collapse: fine for distinct indices
+    targets = {start_frame + int(i) for i in wanted}  # distinct: temporal_indices never repeats one
     last = max(targets)
     picked: dict[int, object] = {}
     for position, frame in enumerate(container.decode(stream)):
