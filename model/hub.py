@@ -10,7 +10,12 @@ from pathlib import Path
 
 from bricks.engine.models import MissingModelError, ModelFile, resolve
 
-__all__ = ["MissingModelError", "locate"]
+__all__ = ["MissingModelError", "locate", "looks_like_repo_id"]
+
+
+def looks_like_repo_id(ref: str) -> bool:
+    """"owner/name", not a relative or absolute path."""
+    return ref.count("/") == 1 and not ref.startswith((".", "/", "~"))
 
 
 def locate(ref: str | Path, what: str, expected: list[tuple[str, ...]]) -> Path:
@@ -21,7 +26,7 @@ def locate(ref: str | Path, what: str, expected: list[tuple[str, ...]]) -> Path:
     """
     ref = str(ref)
     path = Path(ref).expanduser()
-    if path.exists() or ref.startswith((".", "/", "~")) or ref.count("/") != 1:
+    if path.exists() or not looks_like_repo_id(ref):
         if not path.exists():
             raise MissingModelError(f"{what}: {ref} does not exist")
         folder = path

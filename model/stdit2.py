@@ -23,7 +23,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .hub import locate
+from .hub import locate, looks_like_repo_id
 from .layers import (
     CaptionEmbedder,
     CrossAttention,
@@ -286,7 +286,7 @@ class STDiT2(nn.Module):
         cache (never downloaded). Missing or unexpected keys are reported (an error when
         `strict`); a shape mismatch is an error naming the key."""
         path = Path(path)
-        if not path.exists() and str(path).count("/") == 1 and not str(path).startswith((".", "~")):
+        if not path.exists() and looks_like_repo_id(str(path)):
             path = locate(str(path), "STDiT2", [("config.json",), ("model.safetensors",)])
         if path.is_dir():
             config_file = path / "config.json"

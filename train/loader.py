@@ -20,14 +20,14 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
+from bricks.model.sampling import IMAGE_FPS
+
 from .buckets import Buckets, stable_seed
 from .decode import BadSample, read_clip, read_image
 from .plan import Batch, EpochPlan, plan_epoch
 from .shards import SAMPLE_COLUMNS, ShardIndex, open_parquet
 
 log = logging.getLogger("bricks")
-
-IMAGE_FPS = 120  # the frame rate Open-Sora conditions still images on
 
 
 class LoaderStateError(ValueError):
