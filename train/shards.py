@@ -109,11 +109,6 @@ class ShardIndex:
         arrays = {k: np.concatenate(v) for k, v in columns.items()}
         return cls(files=files, fingerprint=digest.hexdigest(), **arrays)
 
-    def row_groups(self) -> list[tuple[int, int]]:
-        """(file, row group) pairs holding usable rows, in file order."""
-        keys = np.unique(np.stack([self.file[self.usable], self.row_group[self.usable]], axis=1), axis=0)
-        return [(int(f), int(g)) for f, g in keys]
-
 
 def _present(parquet: pq.ParquetFile, group: int, column: str, n: int) -> np.ndarray:
     """Which rows have a non-null `column`, reading only its validity where statistics allow."""
