@@ -161,7 +161,7 @@ def from_dict(data: dict, where: str = "<recipe>", base_dir: Path | None = None)
     try:
         model = RecipeModel.model_validate(data)
     except ValidationError as exc:
-        raise RecipeError(f"{where}: {_first_error(exc, RecipeModel)}") from None
+        raise RecipeError(f"{where}: {first_error(exc, RecipeModel)}") from None
     for plugin in model.plugins:
         try:
             registry.load_plugin(plugin, base_dir)
@@ -183,10 +183,11 @@ def _build_op(item: dict[str, Any], index: int, where: str) -> Operator:
     try:
         return cls(cls.Params.model_validate(params or {}))
     except ValidationError as exc:
-        raise RecipeError(f"{at}: {_first_error(exc, cls.Params)}") from None
+        raise RecipeError(f"{at}: {first_error(exc, cls.Params)}") from None
 
 
-def _first_error(exc: ValidationError, model: type[BaseModel]) -> str:
+def first_error(exc: ValidationError, model: type[BaseModel]) -> str:
+    """The first validation error as one line, with the nearest field name for a misspelling."""
     err = exc.errors()[0]
     loc = ".".join(str(p) for p in err["loc"])
     if err["type"] == "extra_forbidden":

@@ -61,7 +61,8 @@ class T5TextEncoder:
 
         warn_tiny("T5 text encoder")
         specials = ["<pad>", "</s>", "<unk>"]  # T5's ids: pad 0, end of text 1
-        vocab = {token: i for i, token in enumerate(specials + pre_tokenizers.ByteLevel.alphabet())}
+        # sorted: alphabet() comes from a Rust hash set, in another order in every process
+        vocab = {token: i for i, token in enumerate(specials + sorted(pre_tokenizers.ByteLevel.alphabet()))}
         byte_level = Tokenizer(models.BPE(vocab, merges=[], unk_token="<unk>"))
         byte_level.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         byte_level.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
