@@ -274,7 +274,10 @@ class STDiT2(nn.Module):
         B = x.shape[0]
         x = x.view(B, T, H, W, pt, ph, pw, self.out_channels)
         x = x.permute(0, 7, 1, 4, 2, 5, 3, 6).reshape(B, self.out_channels, T * pt, H * ph, W * pw)
-        return x[:, :, :Tx, :Hx, :Wx]
+        if (Tx, Hx, Wx) == tuple(x.shape[2:]):
+            return x
+        # A copy, not a view: FSDP2 cannot follow in-place ops on a view that a module returns.
+        return x[:, :, :Tx, :Hx, :Wx].contiguous()
 
     # --- loading and saving ----------------------------------------------------------------
 

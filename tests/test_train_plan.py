@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 
 import numpy as np
 import pytest
 
 from bricks.train.buckets import BucketConfigError, BucketKey, Buckets
-from bricks.train.plan import merge_round_robin, plan_epoch
+from bricks.train.plan import SLICES_PER_UNIT, merge_round_robin, plan_epoch
 from bricks.train.shards import ShardIndex
 
 TEXT2BRICKS_64F = {"360p": {1: (1.0, 256), 32: (1.0, 8), 64: (1.0, 4)}}
@@ -74,14 +75,27 @@ def test_every_sample_once_whole_buckets_and_equal_steps(world_size, streams):
                 assert {BucketKey("144p", 16 if index.num_frames[i] == 40 else 8 if index.num_frames[i] == 20 else 1,
                                   "0.56") for i in batch.rows} == {batch.bucket}
                 seen += batch.rows
-        # Each row group is read by one stream only.
-    owners = {}
+    # A row group is read by one stream, or by as many as it was cut into slices when there are
+    # too few row groups for every stream to get several.
+    readers: dict[int, set] = {}
     for r, plan in enumerate(plans):
         for s, stream in enumerate(plan.streams):
             for batch in stream:
                 for i in batch.rows:
-                    assert owners.setdefault(int(index.row_group[i]), (r, s)) == (r, s)
+                    readers.setdefault(int(index.row_group[i]), set()).add((r, s))
+    pieces = math.ceil(SLICES_PER_UNIT * world_size * streams / 6)
+    assert max(len(r) for r in readers.values()) <= pieces
+    if pieces == 1:
+        assert all(len(r) == 1 for r in readers.values())
     assert sorted(seen) == list(range(len(index)))  # every sample exactly once
+
+
+def test_a_single_row_group_is_shared_between_ranks():
+    index, buckets = fake_index(rows_per_group=(40,)), Buckets(BUCKETS, frame_interval=2)
+    plans = [plan_epoch(index, buckets, seed=1, epoch=0, world_size=2, rank=r, streams=2) for r in range(2)]
+    assert all(plan.steps >= 3 for plan in plans)
+    rows = [i for plan in plans for stream in plan.streams for batch in stream for i in batch.rows]
+    assert sorted(rows) == list(range(40))
 
 
 def test_plans_are_deterministic_and_change_with_the_epoch():

@@ -4,8 +4,11 @@ Every process computes the same plan from the shard index, the seed and the epoc
 
 1. each usable sample gets its bucket (with the keep_prob draws seeded by sample id);
 2. row groups are shuffled and dealt to `world_size x streams` units, each to the unit with
-   the fewest rows so far, so every row group is read by exactly one loader worker;
-3. each unit reads its row groups in order (rows shuffled within one) and emits a batch
+   the fewest rows so far, so every row group is read by exactly one loader worker; when
+   there are fewer than `SLICES_PER_UNIT` row groups per unit, they are cut into slices of
+   consecutive rows first (a row group is then read by as many workers as it has slices, each
+   keeping only its own rows);
+3. each unit reads its slices in order (rows shuffled within one) and emits a batch
    whenever a bucket has `batch_size` samples; what is left at the end goes out as smaller
    batches, so no sample is dropped or repeated;
 4. a rank's streams are merged round robin, skipping exhausted ones (what a DataLoader does
@@ -19,6 +22,7 @@ the batches it would have seen.
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from dataclasses import dataclass, field
 
@@ -26,6 +30,8 @@ import numpy as np
 
 from .buckets import BucketKey, Buckets, stable_seed
 from .shards import ShardIndex
+
+SLICES_PER_UNIT = 4  # row-group slices each rank x worker should get, at least
 
 
 @dataclass(frozen=True)
@@ -91,19 +97,25 @@ def plan_epoch(index: ShardIndex, buckets: Buckets, *, seed: int, epoch: int, wo
     for i, key in enumerate(keys):
         if key is not None:
             by_group[(int(index.file[i]), int(index.row_group[i]))].append(i)
-    groups = sorted(by_group)
+    # Deal slices of row groups: whole row groups when there are plenty, so each is read by one
+    # worker only; cut into slices when there are too few for every unit to get several, which
+    # would leave units empty or far apart in load (all ranks stop at the smallest).
+    pieces = max(1, math.ceil(SLICES_PER_UNIT * world_size * streams / max(len(by_group), 1)))
+    slices = [((*group, j), [int(i) for i in part])
+              for group in sorted(by_group)
+              for j, part in enumerate(np.array_split(by_group[group], min(pieces, len(by_group[group]))))]
     rng = np.random.default_rng(stable_seed("row-groups", seed, epoch))
-    groups = [groups[i] for i in rng.permutation(len(groups))]
+    slices = [slices[i] for i in rng.permutation(len(slices))]
 
     units = world_size * streams
-    owned: list[list[tuple[int, int]]] = [[] for _ in range(units)]
+    owned: list[list[tuple]] = [[] for _ in range(units)]
     load = [0] * units
-    for group in groups:
+    for piece in slices:
         unit = min(range(units), key=lambda u: (load[u], u))
-        owned[unit].append(group)
-        load[unit] += len(by_group[group])
+        owned[unit].append(piece)
+        load[unit] += len(piece[1])
 
-    unit_batches = [_stream(owned[u], by_group, keys, buckets, seed, epoch) for u in range(units)]
+    unit_batches = [_stream(owned[u], keys, buckets, seed, epoch) for u in range(units)]
     per_rank = [sum(len(unit_batches[r * streams + s]) for s in range(streams)) for r in range(world_size)]
     steps = min(per_rank)
     mine = unit_batches[rank * streams:(rank + 1) * streams]
@@ -116,12 +128,11 @@ def plan_epoch(index: ShardIndex, buckets: Buckets, *, seed: int, epoch: int, wo
                      unassigned=unassigned, bucket_counts=dict(sorted(counts.items())))
 
 
-def _stream(groups, by_group, keys, buckets: Buckets, seed: int, epoch: int) -> list[Batch]:
+def _stream(pieces, keys, buckets: Buckets, seed: int, epoch: int) -> list[Batch]:
     pending: dict[BucketKey, list[int]] = {}
     batches: list[Batch] = []
-    for group in groups:
-        rows = by_group[group]
-        rng = np.random.default_rng(stable_seed("rows", seed, epoch, *group))
+    for key, rows in pieces:
+        rng = np.random.default_rng(stable_seed("rows", seed, epoch, *key))
         for i in (rows[j] for j in rng.permutation(len(rows))):
             queue = pending.setdefault(keys[i], [])
             queue.append(i)
