@@ -120,6 +120,12 @@ class ScheduleSection(_Strict):
     """one_cycle: cosine annealing from `optim.lr` to `final_lr` after the warm-up."""
     final_lr: float | None = Field(default=None, ge=0)
 
+    @model_validator(mode="after")
+    def _one_cycle(self) -> "ScheduleSection":
+        if self.kind == "one_cycle" and (self.final_lr is None or self.anneal_steps < 1):
+            raise ValueError("one_cycle needs final_lr and anneal_steps >= 1")
+        return self
+
 
 class ParallelSection(_Strict):
     strategy: Literal["ddp", "fsdp", "colossalai"] = "ddp"

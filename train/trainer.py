@@ -119,6 +119,9 @@ class Trainer:
         self.epoch = 0
         self.consumed = 0  # batches taken in `epoch`
         self.skipped_total = 0
+        self._log_file: logging.Handler | None = None
+        self.metrics: MetricsLog | None = None
+        self.saved_step: int | None = None
 
     # --- set-up ----------------------------------------------------------------------------------
 
@@ -167,13 +170,12 @@ class Trainer:
             if self.ema is not None:
                 self.ema.load(resume_from.model_state("ema"))
             self.dataset.restore(state["loader"], allow_data_change=options.allow_data_change)
-            self.step = state["step"]
+            self.step = self.saved_step = state["step"]
             self.skipped_total = state.get("skipped", 0)
             log.info("resumed from %s: step %d, epoch %d, batch %d", resume_from.path.name, self.step,
                      self.dataset.epoch, self.dataset.consumed)
         self.epoch, self.consumed = self.dataset.epoch, self.dataset.consumed
 
-        self.metrics = None
         if world.main:
             (self.run_dir / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
             self.metrics = MetricsLog(self.run_dir, config.logging, config.to_dict(),
@@ -187,19 +189,24 @@ class Trainer:
         if self.world.main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             checkpoint.remove_partial(self.run_dir)
-            handler = logging.FileHandler(self.run_dir / "train.log")
-            handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-            logging.getLogger("bricks").addHandler(handler)
+            self._log_file = logging.FileHandler(self.run_dir / "train.log")
+            self._log_file.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+            bricks_log = logging.getLogger("bricks")
+            bricks_log.addHandler(self._log_file)
+            if bricks_log.getEffectiveLevel() > logging.INFO:  # train.log has the step lines whatever the console shows
+                self._log_file.restore_level = bricks_log.level
+                bricks_log.setLevel(logging.INFO)
         barrier(self.world)
 
     # --- the loop --------------------------------------------------------------------------------
 
     def run(self) -> dict:
-        self.setup()
         config = self.config
         window: list[dict] = []
-        progress = _Progress(self.world.main, self.max_steps)
+        progress = None
         try:
+            self.setup()
+            progress = _Progress(self.world.main, self.max_steps)
             while self.epoch < config.train.epochs and not self._done():
                 plan = self.dataset.set_epoch(self.epoch, self.consumed)
                 if plan.steps == 0:
@@ -232,12 +239,19 @@ class Trainer:
                     self.epoch, self.consumed = self.epoch + 1, 0
             if window:
                 self._log(window)
-            if checkpoint.latest(self.run_dir) is None or checkpoint.latest(self.run_dir).step != self.step:
+            if self.saved_step != self.step:
                 self.save()
         finally:
-            progress.close()
+            if progress is not None:
+                progress.close()
             if self.metrics is not None:
                 self.metrics.close()
+            if self._log_file is not None:
+                bricks_log = logging.getLogger("bricks")
+                bricks_log.removeHandler(self._log_file)
+                if hasattr(self._log_file, "restore_level"):
+                    bricks_log.setLevel(self._log_file.restore_level)
+                self._log_file.close()
             close_world()
         return {"step": self.step, "epoch": self.epoch, "skipped": self.skipped_total}
 
@@ -365,6 +379,7 @@ class Trainer:
                                    ema=ema_state, optimizer=optimizer_state, state=state,
                                    keep_last=self.config.train.keep_last)
             log.info("saved %s", path)
+        self.saved_step = self.step
         barrier(self.world)
 
     def _position(self) -> LoaderState:
