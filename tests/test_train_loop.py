@@ -196,6 +196,41 @@ def test_bad_samples_are_skipped_and_counted(brick_shards, tmp_path):
     assert metrics[-1]["skipped_total"] == sum(m["skipped"] for m in metrics)
 
 
+def test_precomputed_latents_and_t5_states_replace_decoding_and_encoders(brick_shards, tmp_path):
+    """Shards carrying `vae_latent` and `t5_states` train without touching `media` (here garbage)."""
+    import io
+
+    import numpy as np
+    import pyarrow as pa
+
+    table = pq.read_table(brick_shards / "shards")
+    rng = np.random.default_rng(0)
+
+    def npy(shape):
+        buffer = io.BytesIO()
+        np.save(buffer, rng.standard_normal(shape).astype(np.float16))
+        return buffer.getvalue()
+
+    # tiny-cpu's buckets at 144p 16:9: images [4, 1, 18, 32], clips of 8 frames [4, 8, 18, 32].
+    latents = [npy((4, 1 if kind == "image" else 8, 18, 32)) for kind in table["kind"].to_pylist()]
+    latents[0] = npy((4, 3, 18, 32))  # the wrong length for its bucket: skipped with the reason
+    states = [npy((int(rng.integers(3, 12)), 32)) for _ in range(table.num_rows)]
+    table = table.set_column(table.schema.get_field_index("media"), "media",
+                             pa.array([b"not a video"] * table.num_rows, pa.binary()))
+    table = table.append_column("vae_latent", pa.array(latents, pa.binary()))
+    table = table.append_column("t5_states", pa.array(states, pa.binary()))
+    folder = tmp_path / "precomputed"
+    folder.mkdir()
+    pq.write_table(table, folder / "part-00000.parquet")
+
+    run = tmp_path / "run"
+    result = CliRunner().invoke(train_cli, [*TINY, "--data", str(folder), "--output", str(run), "--max-steps", "18"])  # one epoch
+    assert result.exit_code == 0, result.output
+    metrics = read_metrics(run / "metrics.jsonl")
+    assert len(metrics) == 18 and all(m["loss"] is not None and m["loss"] > 0 for m in metrics)
+    assert metrics[-1]["skipped_total"] == 1  # only the misshapen latent; no media was decoded
+
+
 def test_config_errors_are_one_line_with_exit_status_2(brick_shards, tmp_path):
     runner = CliRunner()
     cases = [

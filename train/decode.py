@@ -113,3 +113,14 @@ def read_image(source: bytes | str, size: tuple[int, int]) -> torch.Tensor:
     except (UnidentifiedImageError, OSError, ValueError) as exc:
         raise BadSample(f"undecodable image: {str(exc)[:200]}") from None
     return _to_tensor([_center_crop(array, target_h, target_w)])
+
+
+def read_array(data: bytes, what: str) -> torch.Tensor:
+    """A precomputed input stored as `.npy` bytes (float16 or float32) as a float32 tensor."""
+    try:
+        array = np.load(io.BytesIO(data), allow_pickle=False)
+    except (ValueError, OSError, EOFError) as exc:
+        raise BadSample(f"{what}: not a .npy array ({str(exc)[:120]})") from None
+    if array.dtype.kind != "f":
+        raise BadSample(f"{what}: expected floats, got {array.dtype}")
+    return torch.from_numpy(array.astype(np.float32, copy=False))

@@ -6,9 +6,11 @@ plays one stream of the epoch plan: it reads its own row groups once each, decod
 that its batches need, and keeps in memory only rows waiting for a later batch.
 
 A batch is a dict: `video` [B, 3, T, H, W] uint8 (`decode.normalize` maps it to [-1, 1] on
-the training device), `text`, `sample_id`, `fps` [B], the
-bucket's `num_frames`, `height`, `width`, `bucket`, and `skipped`: (sample id, reason) of rows
-that could not be decoded (the batch is smaller by them, possibly empty; never a crash).
+the training device) or, when every row carries a precomputed `vae_latent`, `latent` [B, C,
+T, H/8, W/8] instead (plus `t5_states`, a list of [tokens, D], when every row carries those);
+`text`, `sample_id`, `fps` [B], the bucket's `num_frames`, `height`, `width`, `bucket`, and
+`skipped`: (sample id, reason) of rows that could not be decoded (the batch is smaller by
+them, possibly empty; never a crash).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from bricks.model.sampling import IMAGE_FPS
 
 from .buckets import Buckets, stable_seed
-from .decode import BadSample, read_clip, read_image
+from .decode import BadSample, read_array, read_clip, read_image
 from .plan import Batch, EpochPlan, plan_epoch
 from .shards import SAMPLE_COLUMNS, ShardIndex, open_parquet
 
@@ -133,22 +135,37 @@ class ShardDataset(IterableDataset):
 
     def _materialise(self, batch: Batch, reader: "RowReader") -> dict:
         num_frames, height, width = self.buckets.frame_size(batch.bucket)
-        videos, texts, ids, fps, skipped = [], [], [], [], []
-        for i in batch.rows:
-            row = reader.take(i)
+        rows = [reader.take(i) for i in batch.rows]
+        # Precomputed inputs are used when the whole batch has them (a batch is encoded as one).
+        use_latents = all(row.get("vae_latent") is not None for row in rows)
+        use_states = all(row.get("t5_states") is not None for row in rows)
+        videos, states, texts, ids, fps, skipped = [], [], [], [], [], []
+        for i, row in zip(batch.rows, rows):
             sample_id = str(self.index.sample_id[i])
             try:
-                videos.append(self._pixels(row, sample_id, num_frames, height, width))
+                if use_latents:
+                    videos.append(_latent(row["vae_latent"], num_frames, height, width))
+                else:
+                    videos.append(self._pixels(row, sample_id, num_frames, height, width))
+                if use_states:
+                    states.append(read_array(row["t5_states"], "t5_states"))
             except BadSample as exc:
                 skipped.append((sample_id, str(exc)))
                 continue
             texts.append(row["text"])
             ids.append(sample_id)
             fps.append(IMAGE_FPS if num_frames == 1 or not row.get("fps") else float(row["fps"]))
-        video = torch.stack(videos) if videos else torch.zeros(0, 3, num_frames, height, width, dtype=torch.uint8)
-        return {"video": video, "text": texts, "sample_id": ids, "fps": torch.tensor(fps, dtype=torch.float32),
-                "num_frames": num_frames, "height": height, "width": width, "bucket": str(batch.bucket),
-                "skipped": skipped}
+        out = {"text": texts, "sample_id": ids, "fps": torch.tensor(fps, dtype=torch.float32),
+               "num_frames": num_frames, "height": height, "width": width, "bucket": str(batch.bucket),
+               "skipped": skipped}
+        if use_latents:
+            out["latent"] = torch.stack(videos) if videos else torch.zeros(0, 4, num_frames, height // 8, width // 8)
+        else:
+            out["video"] = (torch.stack(videos) if videos
+                            else torch.zeros(0, 3, num_frames, height, width, dtype=torch.uint8))
+        if use_states:
+            out["t5_states"] = states
+        return out
 
     def _pixels(self, row: dict, sample_id: str, num_frames: int, height: int, width: int) -> torch.Tensor:
         source = row.get("media") if row.get("media") is not None else row.get("path")
@@ -160,6 +177,14 @@ class ShardDataset(IterableDataset):
         start = 0 if row.get("media") is not None else int(row.get("start_frame") or 0)
         end = None if row.get("media") is not None else row.get("end_frame")
         return read_clip(source, num_frames, self.buckets.frame_interval, (height, width), rng, start, end)
+
+
+def _latent(data: bytes, num_frames: int, height: int, width: int) -> torch.Tensor:
+    latent = read_array(data, "vae_latent")
+    if latent.ndim != 4 or latent.shape[1:] != (num_frames, height // 8, width // 8):
+        raise BadSample(f"vae_latent is {tuple(latent.shape)}, the bucket needs [C, {num_frames}, {height // 8}, "
+                        f"{width // 8}]")
+    return latent
 
 
 class RowReader:

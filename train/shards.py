@@ -20,8 +20,11 @@ import pyarrow.parquet as pq
 log = logging.getLogger("bricks")
 
 INDEX_COLUMNS = ["sample_id", "kind", "num_frames", "height", "width", "fps", "text", "media", "path"]
+# Optional precomputed model inputs (see `decode.read_array`): when every row of a batch has
+# them, the trainer takes them instead of decoding media and running the VAE and T5.
+PRECOMPUTED_COLUMNS = ["vae_latent", "t5_states"]
 SAMPLE_COLUMNS = ["sample_id", "kind", "num_frames", "fps", "height", "width", "text", "media", "media_format",
-                  "path", "start_frame", "end_frame"]
+                  "path", "start_frame", "end_frame", *PRECOMPUTED_COLUMNS]
 
 
 class ShardError(ValueError):

@@ -278,12 +278,20 @@ class Trainer:
             log.warning("skipped sample %s: %s", sample_id, reason)
         if samples:
             with torch.no_grad():
-                video = normalize(batch["video"].to(device, non_blocking=True))
-                x = models.vae.encode(video).float()  # (B, 4, T, H/8, W/8)
-                text = models.text_encoder.encode(batch["text"])
+                if "latent" in batch:  # precomputed in the shards
+                    x = batch["latent"].to(device, non_blocking=True)
+                else:
+                    x = models.vae.encode(normalize(batch["video"].to(device, non_blocking=True))).float()
+                # x: (B, 4, T, H/8, W/8)
+                if "t5_states" in batch:
+                    y, y_mask = pad_states(batch["t5_states"], models.text_encoder.model_max_length, device)
+                else:
+                    text = models.text_encoder.encode(batch["text"])
+                    y, y_mask = text["y"].float(), text["mask"]
             B, T = x.shape[0], x.shape[2]
+            self._check_inputs(x, y)
             model_kwargs = dict(
-                y=text["y"].float(), mask=text["mask"],
+                y=y, mask=y_mask,
                 height=torch.full((B,), float(batch["height"]), device=device),
                 width=torch.full((B,), float(batch["width"]), device=device),
                 num_frames=torch.full((B,), float(batch["num_frames"]), device=device),
@@ -330,6 +338,14 @@ class Trainer:
         return {"loss": loss_sum / n if total else None, "mse": mse_sum / n if total else None,
                 "vb": vb_sum / n if total else None, "samples": int(total), "skipped": int(skipped),
                 "lr": lr, "grad_norm": grad_norm, **times}
+
+    def _check_inputs(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        """Precomputed inputs must fit the model (encoded ones always do)."""
+        cfg = unwrap(self.model).config
+        if x.shape[1] != cfg.in_channels:
+            raise TrainError(f"vae_latent has {x.shape[1]} channels, the STDiT2 takes in_channels={cfg.in_channels}")
+        if y.shape[-1] != cfg.caption_channels:
+            raise TrainError(f"t5_states are {y.shape[-1]}-d, the STDiT2 takes caption_channels={cfg.caption_channels}")
 
     def _placeholder_inputs(self):
         model, device = unwrap(self.model), self.world.device
@@ -407,6 +423,19 @@ class Trainer:
             paths = sampler.save(videos, s.prompts, self.run_dir / "samples" / f"step-{self.step:08d}", spec)
             log.info("step %d: %d samples in %s", self.step, len(paths), paths[0].parent)
         barrier(self.world)
+
+
+def pad_states(states: list[torch.Tensor], length: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Precomputed T5 states [tokens, D] per caption, padded (or cut) to `length` as the T5
+    encoder gives them: ([B, 1, length, D], mask [B, length])."""
+    dim = states[0].shape[-1]
+    y = torch.zeros(len(states), 1, length, dim, device=device)
+    mask = torch.zeros(len(states), length, dtype=torch.long, device=device)
+    for i, s in enumerate(states):
+        n = min(len(s), length)
+        y[i, 0, :n] = s[:n].to(device)
+        mask[i, :n] = 1
+    return y, mask
 
 
 class _Clock:
