@@ -3,7 +3,6 @@ one process, kill and resume, DDP and FSDP over gloo, two torchrun nodes, bad sa
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
@@ -224,7 +223,8 @@ def test_precomputed_latents_and_t5_states_replace_decoding_and_encoders(brick_s
     pq.write_table(table, folder / "part-00000.parquet")
 
     run = tmp_path / "run"
-    result = CliRunner().invoke(train_cli, [*TINY, "--data", str(folder), "--output", str(run), "--max-steps", "18"])  # one epoch
+    result = CliRunner().invoke(train_cli, [*TINY, "--data", str(folder), "--output", str(run),
+                                            "--max-steps", "18"])  # the whole first epoch
     assert result.exit_code == 0, result.output
     metrics = read_metrics(run / "metrics.jsonl")
     assert len(metrics) == 18 and all(m["loss"] is not None and m["loss"] > 0 for m in metrics)

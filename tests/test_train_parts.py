@@ -85,7 +85,8 @@ def test_ema_follows_trainable_weights_only():
 def test_shipped_text2bricks_configs_load_as_written():
     c32 = load_config("text2bricks-360p-32f", ["logging.tensorboard=false"])
     assert c32.data.bucket_config == {"360p": {32: [1.0, 8]}} and c32.data.frame_interval == 4
-    assert (c32.lr_schedule.kind, c32.lr_schedule.warmup_steps, c32.lr_schedule.anneal_steps) == ("one_cycle", 1500, 2500)
+    schedule = c32.lr_schedule
+    assert (schedule.kind, schedule.warmup_steps, schedule.anneal_steps) == ("one_cycle", 1500, 2500)
     assert c32.diffusion.mask_ratios == STAGE3_RATIOS
     c64 = load_config("text2bricks-360p-64f", ["logging.tensorboard=false"])
     assert c64.data.bucket_config == {"360p": {1: [1.0, 256], 32: [1.0, 8], 64: [1.0, 4]}}

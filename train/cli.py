@@ -43,7 +43,8 @@ def _list_configs(ctx: click.Context, _param, value: bool) -> None:
               help="Override a config field, e.g. --set optim.lr=1e-5 (repeatable).")
 @click.option("--ckpt", help="Starting STDiT2 weights (folder, .safetensors, or a cached repo id), over model.ckpt.")
 @click.option("--resume", is_flag=True, help="Continue from the run directory's latest checkpoint.")
-@click.option("--max-steps", type=click.IntRange(min=1), help="Stop after this many steps in all (over train.max_steps).")
+@click.option("--max-steps", type=click.IntRange(min=1),
+              help="Stop after this many steps in all (over train.max_steps).")
 @click.option("--allow-data-change", is_flag=True,
               help="On --resume with other shards (or ranks, workers), start the next epoch instead of refusing.")
 @click.option("--device", help="Override the device (default: this rank's GPU, else CPU).")

@@ -120,6 +120,7 @@ class Trainer:
         self.consumed = 0  # batches taken in `epoch`
         self.skipped_total = 0
         self._log_file: logging.Handler | None = None
+        self._restore_level = logging.NOTSET
         self.metrics: MetricsLog | None = None
         self.saved_step: int | None = None
 
@@ -142,10 +143,9 @@ class Trainer:
         ckpt = options.ckpt or config.model.ckpt
         if resume_from is not None and options.ckpt:
             log.warning("--ckpt %s is ignored: resuming from %s", options.ckpt, resume_from.path)
-        self.models = build_models(config.model, None if resume_from else ckpt, world.device, self.encoder_dtype,
-                                   config.train.seed)
-        if resume_from is not None:
-            self.models.model.load_weights(resume_from.model_state("model"))
+        if resume_from is not None:  # the checkpoint's own config.json and weights
+            ckpt = str(resume_from.path / "model")
+        self.models = build_models(config.model, ckpt, world.device, self.encoder_dtype, config.train.seed)
         self.models.model.to(world.device)
 
         if config.parallel.strategy == "colossalai":
@@ -167,8 +167,10 @@ class Trainer:
         if resume_from is not None:
             state = resume_from.state
             self.strategy.load_optimizer_state(self.model, self.optimizer, resume_from.optimizer_state())
-            if self.ema is not None:
+            if self.ema is not None and (resume_from.path / "ema").is_dir():
                 self.ema.load(resume_from.model_state("ema"))
+            elif self.ema is not None:
+                log.warning("%s has no EMA weights: the EMA starts from the resumed weights", resume_from.path.name)
             self.dataset.restore(state["loader"], allow_data_change=options.allow_data_change)
             self.step = self.saved_step = state["step"]
             self.skipped_total = state.get("skipped", 0)
@@ -193,8 +195,8 @@ class Trainer:
             self._log_file.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
             bricks_log = logging.getLogger("bricks")
             bricks_log.addHandler(self._log_file)
-            if bricks_log.getEffectiveLevel() > logging.INFO:  # train.log has the step lines whatever the console shows
-                self._log_file.restore_level = bricks_log.level
+            self._restore_level = bricks_log.level
+            if bricks_log.getEffectiveLevel() > logging.INFO:  # train.log gets the step lines in any case
                 bricks_log.setLevel(logging.INFO)
         barrier(self.world)
 
@@ -249,8 +251,7 @@ class Trainer:
             if self._log_file is not None:
                 bricks_log = logging.getLogger("bricks")
                 bricks_log.removeHandler(self._log_file)
-                if hasattr(self._log_file, "restore_level"):
-                    bricks_log.setLevel(self._log_file.restore_level)
+                bricks_log.setLevel(self._restore_level)
                 self._log_file.close()
             close_world()
         return {"step": self.step, "epoch": self.epoch, "skipped": self.skipped_total}
@@ -266,8 +267,7 @@ class Trainer:
 
     def train_step(self, batch: dict) -> dict:
         """One optimizer step on this rank's batch; returns the step's global metrics."""
-        world, config, models = self.world, self.config, self.models
-        device = world.device
+        world, config, device = self.world, self.config, self.world.device
         generator_seed = stable_seed("train-step", config.train.seed, self.step, world.rank) % (2**63)
         torch.manual_seed(generator_seed)  # VAE posterior, noise, caption dropout, timesteps, masks
         times = {}
@@ -277,29 +277,7 @@ class Trainer:
         for sample_id, reason in batch["skipped"]:
             log.warning("skipped sample %s: %s", sample_id, reason)
         if samples:
-            with torch.no_grad():
-                if "latent" in batch:  # precomputed in the shards
-                    x = batch["latent"].to(device, non_blocking=True)
-                else:
-                    x = models.vae.encode(normalize(batch["video"].to(device, non_blocking=True))).float()
-                # x: (B, 4, T, H/8, W/8)
-                if "t5_states" in batch:
-                    y, y_mask = pad_states(batch["t5_states"], models.text_encoder.model_max_length, device)
-                else:
-                    text = models.text_encoder.encode(batch["text"])
-                    y, y_mask = text["y"].float(), text["mask"]
-            B, T = x.shape[0], x.shape[2]
-            self._check_inputs(x, y)
-            model_kwargs = dict(
-                y=y, mask=y_mask,
-                height=torch.full((B,), float(batch["height"]), device=device),
-                width=torch.full((B,), float(batch["width"]), device=device),
-                num_frames=torch.full((B,), float(batch["num_frames"]), device=device),
-                ar=torch.full((B,), batch["height"] / batch["width"], device=device),
-                fps=batch["fps"].to(device),
-            )
-            ratios = config.diffusion.mask_ratios
-            frame_mask = draw_masks(B, T, ratios).to(device) if ratios else None
+            x, model_kwargs, frame_mask = self._model_inputs(batch)
         else:
             # Nothing decodable in this batch: a zero-weighted pass over a one-token input keeps
             # this rank in step with the others' gradient reduction.
@@ -338,6 +316,33 @@ class Trainer:
         return {"loss": loss_sum / n if total else None, "mse": mse_sum / n if total else None,
                 "vb": vb_sum / n if total else None, "samples": int(total), "skipped": int(skipped),
                 "lr": lr, "grad_norm": grad_norm, **times}
+
+    @torch.no_grad()
+    def _model_inputs(self, batch: dict) -> tuple[torch.Tensor, dict, torch.Tensor | None]:
+        """Latents, the model's conditioning and the frame mask of a batch: encoded here by the
+        frozen VAE and T5, or taken as the shards precomputed them."""
+        device, models = self.world.device, self.models
+        if "latent" in batch:
+            x = batch["latent"].to(device, non_blocking=True)
+        else:
+            x = models.vae.encode(normalize(batch["video"].to(device, non_blocking=True))).float()
+        if "t5_states" in batch:
+            y, y_mask = pad_states(batch["t5_states"], models.text_encoder.model_max_length, device)
+        else:
+            text = models.text_encoder.encode(batch["text"])
+            y, y_mask = text["y"].float(), text["mask"]
+        B, T = x.shape[0], x.shape[2]  # x: (B, 4, T, H/8, W/8)
+        self._check_inputs(x, y)
+        kwargs = dict(
+            y=y, mask=y_mask,
+            height=torch.full((B,), float(batch["height"]), device=device),
+            width=torch.full((B,), float(batch["width"]), device=device),
+            num_frames=torch.full((B,), float(batch["num_frames"]), device=device),
+            ar=torch.full((B,), batch["height"] / batch["width"], device=device),
+            fps=batch["fps"].to(device),
+        )
+        ratios = self.config.diffusion.mask_ratios
+        return x, kwargs, draw_masks(B, T, ratios).to(device) if ratios else None
 
     def _check_inputs(self, x: torch.Tensor, y: torch.Tensor) -> None:
         """Precomputed inputs must fit the model (encoded ones always do)."""
