@@ -46,8 +46,9 @@ class T5TextEncoder:
 
         folder = locate(ref, "T5 text encoder", T5_FILES)
         tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+        # torch_dtype: transformers < 4.56 (ColossalAI's pin) has no `dtype`; 5.x takes both
         model = T5EncoderModel.from_pretrained(str(folder), local_files_only=True,
-                                               dtype=dtype or default_dtype(device))
+                                               torch_dtype=dtype or default_dtype(device))
         return cls(tokenizer, model.to(device), model_max_length)
 
     @classmethod

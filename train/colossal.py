@@ -7,9 +7,10 @@ are reduce-scattered during backward, and the optimizer's `step()` clips them to
 without an accelerator, so on CPU the model goes through `TorchDDPPlugin` (gloo) and the
 gradients are clipped here, as `TorchStrategy` does.
 
-The optimizer is the torch AdamW the trainer makes. ColossalAI's `HybridAdam` would work with
-either plugin, but it builds its CPU/CUDA Adam kernels the first time it is made (JIT, with
-ninja and the CUDA toolkit), which a prebuilt install should not need.
+The optimizer is the torch AdamW the trainer makes; LowLevelZeroOptimizer wraps any torch
+optimizer. ColossalAI's `HybridAdam` (Open-Sora's choice) needs ColossalAI's own Adam kernels,
+compiled when it is first made (JIT: ninja and the CUDA toolkit) unless the package was built
+with BUILD_EXT=1; without them it fails ("No usable kernel found for CPUAdamLoader").
 
 Launching: `colossalai.launch_from_torch` always calls `init_process_group`, which fails once the
 trainer's `init_world` has joined torchrun's group, and it reseeds every RNG. Neither is wanted:
@@ -78,20 +79,30 @@ class ColossalStrategy:
         self._names: dict[int, str] = {}  # id(parameter) -> name in the STDiT2
         self._optimizer = None
         self._frozen: dict[str, torch.Tensor] = {}  # float32 copies of what ZeRO casts but never trains
-        log.info("colossalai: %s", "LowLevelZeroPlugin (ZeRO-2, %s)" % precision if self.zero
-                 else "TorchDDPPlugin (no CUDA: ZeRO needs an accelerator; clipping done by bricks)")
+        if self.zero:
+            log.info("colossalai: LowLevelZeroPlugin (ZeRO-2, %s)", precision)
+        else:
+            log.info("colossalai: TorchDDPPlugin (no CUDA: ZeRO needs an accelerator; bricks clips the gradients)")
 
     # --- the interface -----------------------------------------------------------------------------
 
     def prepare(self, model: nn.Module, make_optimizer) -> tuple[nn.Module, object]:
         self._names = {id(p): name for name, p in model.named_parameters()}
-        if self.zero and self.precision != "fp32":
-            trained = {name for name, p in model.named_parameters() if p.requires_grad}
-            self._frozen = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()
-                            if k not in trained}
+        # ZeRO in bf16 casts the whole module, then takes its master weights from the cast copy:
+        # keep the float32 values to start the masters from (exact resume) and to save what is
+        # never trained (frozen parameters, buffers) as it was.
+        originals = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()} \
+            if self.zero and self.precision != "fp32" else {}
         optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad])
         boosted, optimizer, *_ = self.booster.boost(model, optimizer)
-        self._optimizer = optimizer  # model_state needs the ZeRO master shards
+        self._optimizer = optimizer
+        if originals:
+            masters = optimizer.get_working_to_master_map()
+            with torch.no_grad():
+                for name, p in model.named_parameters():
+                    if id(p) in masters:
+                        masters[id(p)].copy_(self._shard(originals.pop(name), masters[id(p)]))
+            self._frozen = originals
         return BoostedModel(boosted), optimizer
 
     def backward(self, loss: torch.Tensor, optimizer) -> None:
@@ -131,9 +142,10 @@ class ColossalStrategy:
 
     def optimizer_state(self, model: nn.Module, optimizer) -> dict:
         """The full optimizer state by parameter name ({"state": {name: ...}, "param_groups":
-        [{..., "params": [names]}]}), on every rank (collective under ZeRO)."""
+        [{..., "params": [names]}]}), as `TorchStrategy` writes it. Under ZeRO it is collective
+        and only rank 0 (which saves it) gets the tensors; the others get their names only."""
         names = self._order(optimizer)
-        packed = optimizer.state_dict() if self.zero else optimizer.unwrap().state_dict()
+        packed = optimizer.state_dict(only_on_master=True) if self.zero else optimizer.unwrap().state_dict()
         state = {names[i]: {k: v.detach().to("cpu", copy=True) if torch.is_tensor(v) else v for k, v in s.items()}
                  for i, s in packed["state"].items()}
         groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": [names[i] for i in g["params"]]}
@@ -165,7 +177,7 @@ class ColossalStrategy:
         else:
             optimizer.unwrap().load_state_dict(packed)
 
-    # --- ZeRO internals ----------------------------------------------------------------------------
+    # --- internals ---------------------------------------------------------------------------------
 
     def _order(self, optimizer) -> list[str]:
         """The parameter names in the order of the (inner) optimizer's parameter groups."""
@@ -187,6 +199,13 @@ class ColossalStrategy:
         norm = math.sqrt(float(local))
         mixin = optimizer.mixed_precision_mixin
         return norm / mixin.get_grad_div_scale() if mixin is not None else norm
+
+    def _shard(self, full: torch.Tensor, master: torch.Tensor) -> torch.Tensor:
+        """This rank's part of `full` laid out as ZeRO lays out `master` (flat, padded)."""
+        flat = full.flatten().to(master.device, master.dtype)
+        world_size, rank = dist.get_world_size(), dist.get_rank()
+        flat = torch.nn.functional.pad(flat, [0, master.numel() * world_size - flat.numel()])
+        return flat.view(world_size, -1)[rank]
 
     def _gather(self, shard: torch.Tensor, numel: int) -> torch.Tensor:
         """A flat ZeRO shard (padded to the world size) gathered whole and cut to `numel`."""

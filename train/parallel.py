@@ -84,7 +84,10 @@ def wrap(model: nn.Module, strategy: str, world: World, zero_stage: int = 2,
         return DistributedDataParallel(model, device_ids=device_ids)
     if strategy == "fsdp":
         from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+        try:
+            from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+        except ImportError:  # torch < 2.6 (the ColossalAI environment); FSDP2 there needs CUDA
+            from torch.distributed._composable.fsdp import MixedPrecisionPolicy, fully_shard
 
         mesh = init_device_mesh(world.device.type, (world.world_size,))
         policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32) if param_dtype else None
