@@ -122,6 +122,26 @@ def test_kill_and_resume_gives_the_losses_of_an_uninterrupted_run(brick_shards, 
         assert (run / final / part).read_bytes() == (reference / final / part).read_bytes()
 
 
+def test_sigterm_saves_a_checkpoint_at_the_current_step_and_stops(brick_shards, tmp_path):
+    run = tmp_path / "run"
+    args = [*TINY, "--data", str(brick_shards), "--output", str(run), "--set", "train.ckpt_every=1000"]
+    proc = subprocess.Popen([sys.executable, "-m", "bricks.train.cli", *args, "--max-steps", "200"], env=_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    metrics = run / "metrics.jsonl"
+    deadline = time.monotonic() + 240
+    while (not metrics.exists() or len(read_metrics(metrics)) < 3) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + 15, stderr[-2000:]
+    assert "rerun with --resume" in stderr
+    last = read_metrics(metrics)[-1]["step"]
+    assert 3 <= last < 200 and checkpoints(run)[-1].step == last  # the step it stopped at, saved
+    resumed = run_cli(*args, "--resume", "--max-steps", str(last + 2))
+    assert resumed.returncode == 0, resumed.stderr
+    assert [m["step"] for m in read_metrics(metrics)] == list(range(1, last + 3))
+
+
 def test_resume_refuses_changed_data_unless_allowed(brick_shards, tmp_path):
     run = tmp_path / "run"
     assert run_cli(*TINY, "--data", str(brick_shards), "--output", str(run), "--max-steps", "2").returncode == 0

@@ -63,6 +63,9 @@ def main(config_ref, data, output, overrides, ckpt, resume, max_steps, allow_dat
             FileNotFoundError) as exc:
         click.echo(f"bricks-train: error: {exc}", err=True)
         sys.exit(2)
+    if summary["stopped"]:
+        log.warning("stopped by SIGTERM at step %d, checkpoint saved: rerun with --resume to continue", summary["step"])
+        sys.exit(128 + 15)
     log.info("done: %d steps, %d samples skipped", summary["step"], summary["skipped"])
 
 

@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
+import threading
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -123,6 +125,8 @@ class Trainer:
         self._restore_level = logging.NOTSET
         self.metrics: MetricsLog | None = None
         self.saved_step: int | None = None
+        self._signalled = False  # SIGTERM arrived here
+        self.stopping = False  # SIGTERM arrived on some rank: checkpoint after this step and stop
 
     # --- set-up ----------------------------------------------------------------------------------
 
@@ -206,6 +210,9 @@ class Trainer:
         config = self.config
         window: list[dict] = []
         progress = None
+        # Preemption (SIGTERM, which torchrun passes on to its workers): save, then stop.
+        main_thread = threading.current_thread() is threading.main_thread()
+        previous = signal.signal(signal.SIGTERM, self._on_sigterm) if main_thread else None
         try:
             self.setup()
             progress = _Progress(self.world.main, self.max_steps)
@@ -246,6 +253,8 @@ class Trainer:
         finally:
             if progress is not None:
                 progress.close()
+            if main_thread:
+                signal.signal(signal.SIGTERM, previous)
             if self.metrics is not None:
                 self.metrics.close()
             if self._log_file is not None:
@@ -254,10 +263,14 @@ class Trainer:
                 bricks_log.setLevel(self._restore_level)
                 self._log_file.close()
             close_world()
-        return {"step": self.step, "epoch": self.epoch, "skipped": self.skipped_total}
+        return {"step": self.step, "epoch": self.epoch, "skipped": self.skipped_total, "stopped": self.stopping}
 
     def _done(self) -> bool:
-        return self.max_steps is not None and self.step >= self.max_steps
+        return self.stopping or (self.max_steps is not None and self.step >= self.max_steps)
+
+    def _on_sigterm(self, signum, frame) -> None:
+        log.warning("SIGTERM: stopping after this step with a checkpoint (continue with --resume)")
+        self._signalled = True
 
     def _loader(self) -> DataLoader:
         workers = self.config.data.num_workers
@@ -296,8 +309,10 @@ class Trainer:
         # (a step on all-zero gradients would still move the weights through Adam's moments).
         sums = [float(losses["loss"].detach().sum()), float(losses["mse"].detach().sum()),
                 float(losses["vb"].detach().sum())] if samples else [0.0, 0.0, 0.0]
-        loss_sum, mse_sum, vb_sum, total, skipped = all_sum(world, [*sums, samples, len(batch["skipped"])])
+        loss_sum, mse_sum, vb_sum, total, skipped, stopping = all_sum(
+            world, [*sums, samples, len(batch["skipped"]), float(self._signalled)])
         self.skipped_total += int(skipped)
+        self.stopping = stopping > 0  # every rank learns it at the same step
 
         lr = self.schedule.at(self.step)
         for group in self.optimizer.param_groups:
