@@ -72,7 +72,7 @@ class Models:
 
 def build_models(section: ModelSection, ckpt: str | None, device: torch.device, encoder_dtype: torch.dtype,
                  seed: int) -> Models:
-    """The trained STDiT2 (float32 master weights, on CPU until wrapped) and the frozen VAE and T5
+    """The trained STDiT2 (float32 master weights, still on CPU) and the frozen VAE and T5
     on `device`. Real weights are only ever read from disk; the tiny trio only when asked for."""
     torch.manual_seed(seed)  # the same random init on every rank (tiny encoders, from-scratch STDiT2)
     if section.tiny:
