@@ -139,11 +139,20 @@ def _list_index(items: list, part: str, where: str) -> int:
 
 def load(path: str | Path, overrides: list[str] = ()) -> Recipe:
     path = Path(path)
+    data = read_yaml_mapping(path, "recipe", "a recipe is a mapping with input, output and process")
+    for keys, value in parse_overrides(list(overrides)):
+        apply_override(data, keys, value, str(path))
+    return from_dict(data, where=str(path), base_dir=path.parent)
+
+
+def read_yaml_mapping(path: Path, what: str, shape: str) -> dict:
+    """A YAML file (safe loader) that holds a mapping; a one-line `RecipeError` naming the file
+    (and the line of a syntax error) otherwise. Recipes and training configs read this way."""
     where = str(path)
     try:
         text = path.read_text()
     except OSError as exc:
-        raise RecipeError(f"{where}: cannot read recipe: {exc.strerror or exc}") from None
+        raise RecipeError(f"{where}: cannot read {what}: {exc.strerror or exc}") from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
@@ -151,10 +160,8 @@ def load(path: str | Path, overrides: list[str] = ()) -> Recipe:
         at = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
         raise RecipeError(f"{where}: not valid YAML{at}: {getattr(exc, 'problem', exc)}") from None
     if not isinstance(data, dict):
-        raise RecipeError(f"{where}: a recipe is a mapping with input, output and process")
-    for keys, value in parse_overrides(list(overrides)):
-        apply_override(data, keys, value, where)
-    return from_dict(data, where=where, base_dir=path.parent)
+        raise RecipeError(f"{where}: {shape}")
+    return data
 
 
 def from_dict(data: dict, where: str = "<recipe>", base_dir: Path | None = None) -> Recipe:

@@ -23,10 +23,9 @@ import math
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from bricks.engine.recipe import RecipeError, apply_override, first_error, parse_overrides
+from bricks.engine.recipe import RecipeError, apply_override, first_error, parse_overrides, read_yaml_mapping
 from bricks.model.sampling import DEFAULT_STDIT2
 from bricks.model.text_encoder import DEFAULT_T5
 from bricks.model.vae import DEFAULT_VAE
@@ -209,21 +208,14 @@ def resolve_config_path(ref: str | Path) -> Path:
 
 def load_config(ref: str | Path, overrides: list[str] = ()) -> TrainConfig:
     path = resolve_config_path(ref)
-    where = str(path)
     try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        at = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
-        raise TrainConfigError(f"{where}: not valid YAML{at}: {getattr(exc, 'problem', exc)}") from None
-    if not isinstance(data, dict):
-        raise TrainConfigError(f"{where}: a training config is a mapping of sections (model, data, ...)")
-    try:
+        data = read_yaml_mapping(path, "training config",
+                                 "a training config is a mapping of sections (model, data, ...)")
         for keys, value in parse_overrides(list(overrides)):
-            apply_override(data, keys, value, where)
+            apply_override(data, keys, value, str(path))
     except RecipeError as exc:
         raise TrainConfigError(str(exc)) from None
-    return from_dict(data, where)
+    return from_dict(data, str(path))
 
 
 def from_dict(data: dict, where: str = "<config>") -> TrainConfig:
