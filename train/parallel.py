@@ -144,7 +144,8 @@ def _full_options():
 
 
 def model_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The full state dict (on CPU, on every rank) under the STDiT2's own key names."""
+    """The full state dict on CPU under the STDiT2's own key names: collective, and complete on
+    rank 0 (which writes checkpoints; torch gives the other ranks an empty dict)."""
     from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
     return get_model_state_dict(unwrap(model), options=_full_options())
