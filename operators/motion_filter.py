@@ -47,7 +47,7 @@ class MotionFilter(Filter):
         magnitudes = []
         for prev, nxt in zip(grays, grays[1:]):
             flow = cv2.calcOpticalFlowFarneback(prev, nxt, None, 0.5, 3, 15, 3, 5, 1.2, 0)
-            magnitudes.append(float(np.linalg.norm(flow, axis=2).mean()))
+            magnitudes.append(float(cv2.magnitude(flow[..., 0], flow[..., 1]).mean()))
         score = float(np.mean(magnitudes))
         if self.params.relative:
             h, w = grays[0].shape
