@@ -35,7 +35,8 @@ class _Strict(BaseModel):
 
 class ExecutorConfig(_Strict):
     mode: Literal["ray", "local"] = "ray"
-    """`ray` runs on Ray Data (embedded, or the cluster at `address`); `local` runs in-process."""
+    """`ray` runs on Ray Data (embedded, or the cluster at `address`); `local` runs in-process,
+    two sources at a time."""
     address: str | None = None
     """Ray cluster address (e.g. `auto` or `ray://head:10001`); None starts Ray on this machine."""
     num_cpus: int | None = Field(default=None, ge=1)
@@ -46,7 +47,8 @@ class ExecutorConfig(_Strict):
     decode_threads: int = Field(default=0, ge=0)
     """FFmpeg decoder threads per source (0 = FFmpeg's choice)."""
     frame_buffer_mb: int = Field(default=1024, ge=16)
-    """Memory for the frames of one open shot; longer shots are decoded again instead."""
+    """Memory for the frames of one source's open shot; longer shots are decoded again instead.
+    Each source in flight (one per Ray worker, two in-process) has a budget of its own."""
     rows_per_shard: int = Field(default=1000, ge=1)
     shard_mb: int = Field(default=256, ge=1)
     """A shard closes at whichever of the two limits comes first (at a source boundary)."""

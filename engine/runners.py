@@ -7,10 +7,13 @@ so Ray and in-process runs produce identical shards.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
 import pickle
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Iterator
 
 import pyarrow as pa
@@ -84,15 +87,42 @@ def _process(plan: Plan, index: int, uri: str) -> pa.Table:
     return result_table(plan, index, process_source(plan, uri))
 
 
+# In-process runs work on this many sources at once: while one source's last shots go
+# through the operators (on one thread), the next one is already decoding.
+LOCAL_SOURCES_IN_FLIGHT = 2
+
+
 def run_local(plan: Plan, sources: list[tuple[int, str]]) -> Iterator[pa.Table]:
-    plan.setup()
+    # Each source in flight has operators of its own, as each Ray worker has, so that no
+    # operator instance ever sees two sources at once.
+    plans = [plan] + [copy.deepcopy(plan) for _ in range(LOCAL_SOURCES_IN_FLIGHT - 1)]
+    for each in plans:
+        each.setup()
     schema = result_schema(plan)
     actors = [ModelActor(plan, k) for k in range(len(plan.model_steps))]
-    for index, uri in sources:
-        table = _process(plan, index, uri)
-        for step, actor in zip(plan.model_steps, actors):
-            table = actor(preprocess_table(table, step, schema))
-        yield table
+    queued = iter(enumerate(sources))
+    pending: deque[Future] = deque()
+    with ThreadPoolExecutor(LOCAL_SOURCES_IN_FLIGHT, thread_name_prefix="bricks-source") as pool:
+
+        def submit_next() -> None:
+            item = next(queued, None)
+            if item is not None:
+                # Source k is submitted once source k - IN_FLIGHT is done, so its plan is free.
+                k, (index, uri) = item
+                pending.append(pool.submit(_process, plans[k % len(plans)], index, uri))
+
+        try:
+            for _ in plans:
+                submit_next()
+            while pending:
+                table = pending.popleft().result()
+                submit_next()
+                for step, actor in zip(plan.model_steps, actors):
+                    table = actor(preprocess_table(table, step, schema))
+                yield table
+        finally:
+            for future in pending:  # the caller stopped early: do not start what waits
+                future.cancel()
 
 
 def _ray_batch(batch: pa.Table, plan: Plan) -> pa.Table:

@@ -134,3 +134,47 @@ def test_windows_settled_early_match_windows_cut_at_the_shot_end(tmp_path, corpu
             {k: v.to_dict() | {"seconds": 0} for k, v in b.ops.items()}
     # Video 0 has a 260-frame shot: early windows never hold all of it.
     assert early[0].buffer_peak_bytes < late[0].buffer_peak_bytes
+
+
+SLOW_OP = '''
+import threading
+import time
+
+from bricks.engine.operator import Mapper
+from bricks.engine.registry import register
+
+SPANS = []  # (instance, source, start, end), read by the test
+LOCK = threading.Lock()
+
+
+@register
+class SlowNote(Mapper):
+    name = "slow_note"
+    description = "Sleep, then check that this instance saw no other source meanwhile."
+
+    def process(self, sample, frames):
+        self.current = sample["source_uri"]
+        started = time.perf_counter()
+        time.sleep(0.3)
+        if self.current != sample["source_uri"]:
+            raise RuntimeError("another source went through this instance meanwhile")
+        with LOCK:
+            SPANS.append((id(self), sample["source_uri"], started, time.perf_counter()))
+        return sample
+'''
+
+
+def test_in_process_runs_overlap_sources_but_not_operator_instances(tmp_path, corpus):
+    import sys
+
+    (tmp_path / "slow_note_op.py").write_text(SLOW_OP)
+    out = tmp_path / "out"
+    manifest = run(from_dict({"input": str(corpus[0]), "output": str(out), "executor": {"mode": "local"},
+                              "plugins": [str(tmp_path / "slow_note_op.py")], "process": [{"slow_note": {}}]}))
+    assert manifest["sources"]["kept"] == 3 and manifest["sources"]["failed"] == 0
+    spans = next(m for name, m in sys.modules.items() if name.endswith("slow_note_op")).SPANS
+    assert len(spans) == 3
+    overlapping = [(a, b) for a in spans for b in spans if a[1] < b[1] and a[2] < b[3] and b[2] < a[3]]
+    assert overlapping, "sources were processed one at a time"
+    assert all(a[0] != b[0] for a, b in overlapping)  # ... each by an instance of its own
+    assert [row["source_uri"] for row in read_shards(out).to_pylist()] == sorted(s[1] for s in spans)
