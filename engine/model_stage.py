@@ -20,7 +20,7 @@ import pyarrow as pa
 from .models import warn_tiny
 from .operator import FatalModelError, ModelOperator
 from .plan import Plan, Step
-from .schema import scores_json
+from .schema import BASE_COLUMNS, fit_columns, scores_json
 
 log = logging.getLogger("bricks")
 
@@ -120,7 +120,9 @@ def infer_table(table: pa.Table, step: Step, schema: pa.Schema, last: bool) -> p
 def _decide(row: dict[str, Any], step: Step, output: Any) -> None:
     op: ModelOperator = step.op
     try:
-        fields = op.apply(_sample(row), output)
+        # Checked before the row takes them: a value its column cannot hold fails this sample,
+        # not the Arrow conversion of the batch.
+        fields = fit_columns(op.apply(_sample(row), output), {**BASE_COLUMNS, **op.outputs}, op.name)
         row.update(fields)
         decision = op.keep(fields)
     except Exception as exc:

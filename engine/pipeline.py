@@ -18,7 +18,7 @@ from .frames import BufferedFrames, FrameBuffer, FrameSource, RangeFrames, refor
 from .operator import FanOut, Filter, Frames, FrameRequest, Mapper, Sample
 from .plan import Plan, Step
 from .samples import Drop, Dropped, SourceContext, clip_of
-from .schema import scores_json
+from .schema import BASE_COLUMNS, ColumnTypeError, fit_columns, scores_json
 from .video import DecodeError, SourceError, decode_ahead, probe
 
 # PySceneDetect shrinks frames for detection with OpenCV's bilinear resize, which samples
@@ -118,34 +118,52 @@ def apply_step(step: Step, sample: Sample, frames: FrameSource, ctx: SourceConte
     stats.n_in += 1
     started = time.perf_counter()
     scores: dict[str, Any] = {}
+    columns = {**BASE_COLUMNS, **op.outputs}  # what this operator may write
     try:
         served = [frames.serve(sample, req) for req in op.frame_requests()]
         if isinstance(op, Filter):
-            scores = op.score(sample, served)
+            scores = _returned_dict(op.score(sample, served), f"{op.name}.score")
+            scores = fit_columns(scores, columns, op.name)
             sample.update(scores)
             decision = op.keep(scores)
             if decision is not True:
                 raise Drop(decision if isinstance(decision, str) else f"rejected by {op.name}")
             out = [sample]
         elif isinstance(op, FanOut):
-            out, dropped_children = [], 0
+            out, dropped_children, failed_children = [], 0, 0
+            before = dict(sample)
             for child in op.split(sample, served):
                 if isinstance(child, Dropped):
                     ctx.finalize(child.sample)
                     result.reject(child.sample, step.label, "dropped", child.reason)
                     dropped_children += 1
-                else:
-                    out.append(ctx.finalize(child))
+                    continue
+                child = ctx.finalize(_returned_dict(child, f"{op.name}.split"))
+                try:
+                    child.update(fit_columns(_changed(before, child), columns, op.name))
+                except ColumnTypeError as exc:  # that child fails, its siblings go on
+                    result.reject(child, step.label, "failed", str(exc))
+                    failed_children += 1
+                    continue
+                out.append(child)
             stats.dropped += dropped_children
-            if not out and not dropped_children:
+            stats.failed += failed_children
+            if not out and not dropped_children and not failed_children:
                 raise Drop(f"{op.name} produced no samples")
         elif isinstance(op, Mapper):
-            out = [op.process(sample, served)]
+            before = dict(sample)  # the operator may change the sample in place
+            returned = _returned_dict(op.process(sample, served), f"{op.name}.process")
+            returned.update(fit_columns(_changed(before, returned), columns, op.name))
+            out = [returned]
         else:
             raise TypeError(f"{type(op).__name__} is not a Mapper, Filter or FanOut")
     except Drop as drop:
         result.reject(sample, step.label, "dropped", str(drop), scores)
         stats.dropped += 1
+        out = []
+    except ColumnTypeError as exc:  # the engine's own check: no traceback location to add
+        result.reject(sample, step.label, "failed", str(exc), scores)
+        stats.failed += 1
         out = []
     except Exception as exc:  # one bad sample must not stop the source
         result.reject(sample, step.label, "failed", _describe(exc), scores)
@@ -154,6 +172,17 @@ def apply_step(step: Step, sample: Sample, frames: FrameSource, ctx: SourceConte
     stats.seconds += time.perf_counter() - started
     stats.n_out += len(out)
     return out
+
+
+def _returned_dict(value: Any, where: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise ColumnTypeError(f"{where} returned a {type(value).__name__}, not a dict of fields")
+    return value
+
+
+def _changed(before: Sample, after: Sample) -> dict[str, Any]:
+    """Fields an operator set or replaced (`_` fields are the engine's bookkeeping)."""
+    return {k: v for k, v in after.items() if not k.startswith("_") and (k not in before or before[k] is not v)}
 
 
 def attach_model_frames(sample: Sample, plan: Plan, frames: FrameSource, result: SourceResult) -> None:

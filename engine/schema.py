@@ -11,6 +11,7 @@ import hashlib
 import json
 from typing import Any, Iterable
 
+import numpy as np
 import pyarrow as pa
 
 SCHEMA_VERSION = 1
@@ -74,4 +75,70 @@ def to_table(rows: Iterable[dict[str, Any]], schema: pa.Schema) -> pa.Table:
 
 
 def scores_json(scores: dict[str, Any]) -> str | None:
-    return json.dumps(scores, sort_keys=True, default=float) if scores else None
+    return json.dumps(scores, sort_keys=True, default=_json_value) if scores else None
+
+
+def _json_value(value: Any) -> Any:
+    # Scores are recorded even when they are what made a sample fail, so anything goes here.
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return f"<{len(value)} bytes>"
+    return repr(value)
+
+
+class ColumnTypeError(TypeError):
+    """An operator returned a field that the shard schema cannot hold; fails that sample."""
+
+
+def fit_columns(fields: dict[str, Any], columns: dict[str, pa.DataType], op_name: str) -> dict[str, Any]:
+    """`fields` as the values their columns hold (numpy scalars become Python ones), checked
+    against `columns` (the base columns and the operator's own `outputs`).
+
+    Checked where the operator returns, so that a wrong value fails its one sample, naming
+    the operator and the column, instead of the Arrow conversion of a whole source's rows."""
+    fitted = {}
+    for name, value in fields.items():
+        dtype = columns.get(name)
+        if dtype is None:
+            raise ColumnTypeError(f"{op_name} returned '{name}', which is not a column: "
+                                  "declare it in the operator's `outputs`")
+        fitted[name] = fit_value(value, dtype, name, op_name)
+    return fitted
+
+
+def fit_value(value: Any, dtype: pa.DataType, name: str, op_name: str) -> Any:
+    if value is not None:
+        try:
+            if _fits(value, dtype):
+                return pa.array([value], type=dtype)[0].as_py()
+        except (pa.ArrowException, TypeError, ValueError, OverflowError):
+            pass
+        raise ColumnTypeError(f"column '{name}' is {dtype}, but {op_name} returned a "
+                              f"{type(value).__name__}: {_preview(value)}")
+    return None
+
+
+def _fits(value: Any, dtype: pa.DataType) -> bool:
+    """Stricter than Arrow's own conversion, which turns 2.5 into 2 in an integer column and
+    True into 1.0 in a float one."""
+    if pa.types.is_boolean(dtype):
+        return isinstance(value, (bool, np.bool_))
+    if isinstance(value, (bool, np.bool_)):  # a bool is not a number (declare pa.bool_())
+        return False
+    if pa.types.is_integer(dtype):
+        if isinstance(value, (float, np.floating)):
+            return float(value).is_integer()  # lossless only
+        return isinstance(value, (int, np.integer))
+    if pa.types.is_floating(dtype):
+        return isinstance(value, (int, float, np.integer, np.floating))
+    if pa.types.is_string(dtype) or pa.types.is_large_string(dtype):
+        return isinstance(value, str)
+    if pa.types.is_binary(dtype) or pa.types.is_large_binary(dtype):
+        return isinstance(value, (bytes, bytearray, memoryview))
+    return True  # nested, temporal and other types: Arrow's conversion decides
+
+
+def _preview(value: Any, limit: int = 60) -> str:
+    text = " ".join(repr(value).split())
+    return text if len(text) <= limit else text[:limit - 3] + "..."

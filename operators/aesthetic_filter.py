@@ -14,7 +14,7 @@ from typing import Literal
 
 import numpy as np
 import pyarrow as pa
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from bricks.engine.models import ModelFile, resolve
 from bricks.engine.operator import FrameRequest, ModelOperator, ModelParams
@@ -30,8 +30,8 @@ class AestheticParams(ModelParams):
     num_frames: int = Field(default=3, ge=1)
     """Frames per clip, evenly spread (1/6, 1/2, 5/6 of the clip for 3)."""
     reduction: Literal["mean", "min"] = "mean"
-    min_score: float = 5.0
-    max_score: float | None = None
+    min_score: float = Field(default=5.0, ge=0)
+    max_score: float | None = Field(default=None, ge=0)
     clip_model: str = "ViT-L-14-quickgelu"
     clip_repo: str = "timm/vit_large_patch14_clip_224.openai"
     clip_file: str = "open_clip_model.safetensors"
@@ -40,6 +40,12 @@ class AestheticParams(ModelParams):
     mlp_repo: str = "camenduru/improved-aesthetic-predictor"
     mlp_file: str = "sac+logos+ava1-l14-linearMSE.pth"
     mlp_weights: str | None = None
+
+    @model_validator(mode="after")
+    def _ordered(self):
+        if self.max_score is not None and self.min_score > self.max_score:
+            raise ValueError(f"min_score ({self.min_score:g}) > max_score ({self.max_score:g})")
+        return self
 
 
 @register

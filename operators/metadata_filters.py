@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from bricks.engine.operator import Filter, OperatorParams
 from bricks.engine.registry import register
@@ -16,11 +16,23 @@ def _within(value: float, low: float | None, high: float | None, what: str) -> b
     return True
 
 
+def _ordered(params: OperatorParams, *pairs: tuple[str, str]) -> OperatorParams:
+    """A bounds check for a params validator: each lower bound at most its upper bound."""
+    for low, high in pairs:
+        if getattr(params, high) is not None and getattr(params, low) > getattr(params, high):
+            raise ValueError(f"{low} ({getattr(params, low):g}) > {high} ({getattr(params, high):g})")
+    return params
+
+
 class ResolutionParams(OperatorParams):
     min_width: int = Field(default=1, ge=1)
     max_width: int | None = Field(default=None, ge=1)
     min_height: int = Field(default=1, ge=1)
     max_height: int | None = Field(default=None, ge=1)
+
+    @model_validator(mode="after")
+    def _bounds(self):
+        return _ordered(self, ("min_width", "max_width"), ("min_height", "max_height"))
 
 
 @register
@@ -43,6 +55,10 @@ class DurationParams(OperatorParams):
     max_duration: float | None = Field(default=None, gt=0)
     """Seconds."""
 
+    @model_validator(mode="after")
+    def _bounds(self):
+        return _ordered(self, ("min_duration", "max_duration"))
+
 
 @register
 class DurationFilter(Filter):
@@ -54,15 +70,21 @@ class DurationFilter(Filter):
         return sample["kind"] == "video"
 
     def score(self, sample, frames):
-        return {"duration": round(sample["end_time"] - sample["start_time"], 6)}
+        # Scores are columns; the duration is not one, its ends are.
+        return {"start_time": sample["start_time"], "end_time": sample["end_time"]}
 
     def keep(self, scores):
-        return _within(scores["duration"], self.params.min_duration, self.params.max_duration, "duration (s)")
+        duration = round(scores["end_time"] - scores["start_time"], 6)
+        return _within(duration, self.params.min_duration, self.params.max_duration, "duration (s)")
 
 
 class FpsParams(OperatorParams):
     min_fps: float = Field(default=0.0, ge=0)
     max_fps: float | None = Field(default=None, gt=0)
+
+    @model_validator(mode="after")
+    def _bounds(self):
+        return _ordered(self, ("min_fps", "max_fps"))
 
 
 @register

@@ -10,7 +10,7 @@ from __future__ import annotations
 import cv2
 import numpy as np
 import pyarrow as pa
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from bricks.engine.operator import Filter, FrameRequest, OperatorParams
 from bricks.engine.registry import register
@@ -22,8 +22,25 @@ class MotionParams(OperatorParams):
     """Frames are scaled to this short side before flow (None: as decoded)."""
     relative: bool = False
     """Divide magnitudes by the frame diagonal, making scores independent of size."""
-    min_score: float = 0.25
-    max_score: float | None = None
+    min_score: float = Field(default=0.25, ge=0)
+    """Pixels at the scored size (a fraction of the diagonal with `relative`)."""
+    max_score: float | None = Field(default=None, ge=0)
+
+    @model_validator(mode="after")
+    def _sensible_range(self):
+        if self.max_score is not None and self.min_score > self.max_score:
+            raise ValueError(f"min_score ({self.min_score:g}) > max_score ({self.max_score:g})")
+        if self.relative:
+            # The default is in pixels: as a fraction of the diagonal it would drop every clip.
+            if "min_score" not in self.model_fields_set:
+                raise ValueError("relative: true scores in fractions of the frame diagonal: set min_score "
+                                 "in those units too (e.g. 0.001; the default 0.25 is in pixels)")
+            for name in ("min_score", "max_score"):
+                value = getattr(self, name)
+                if value is not None and value > 1:
+                    raise ValueError(f"{name} ({value:g}) > 1: with relative: true, scores are fractions "
+                                     "of the frame diagonal (at most 1); this looks like pixels")
+        return self
 
 
 @register

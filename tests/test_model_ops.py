@@ -63,7 +63,7 @@ def aesthetic_recipe(corpus, out, mode="local", caption=False, **params):
 
 
 def test_aesthetic_filter_scores_every_sample_and_filters(tmp_path, corpus):
-    first = run(aesthetic_recipe(corpus, tmp_path / "all", min_score=-100.0))
+    first = run(aesthetic_recipe(corpus, tmp_path / "all", min_score=0.0))
     scores = read_shards(tmp_path / "all").column("aes").to_pylist()
     assert len(scores) == first["samples"]["total"] and all(isinstance(s, float) for s in scores)
     threshold = sorted(scores)[len(scores) // 2]
