@@ -1,4 +1,8 @@
-"""Turning a recipe's `input` into the list of source URIs to process."""
+"""Turning a recipe's `input` into the list of source URIs to process.
+
+Local sources are absolute, normalised paths (so shards and their sample ids do not depend
+on the folder a run started in); fsspec URIs are kept as given.
+"""
 
 from __future__ import annotations
 
@@ -8,10 +12,12 @@ from pathlib import Path
 
 import fsspec
 
-from .video import is_local, local_path
+from .video import broken_link_reason, is_local, local_path
 
 VIDEO_EXTENSIONS = {".mp4", ".mov", ".mkv", ".avi", ".webm", ".m4v", ".mpg", ".mpeg", ".ts", ".flv", ".wmv", ".3gp"}
 LIST_EXTENSIONS = {".txt", ".list", ".lst"}
+# Data-set files (a table of paths with captions and the like); not read as input yet.
+DATASET_EXTENSIONS = {".csv", ".tsv", ".jsonl", ".ndjson", ".json", ".parquet"}
 
 
 class InputError(ValueError):
@@ -26,35 +32,99 @@ def list_sources(spec: str | list[str]) -> list[str]:
         raise InputError("input is empty")
     found: set[str] = set()
     for item in specs:
-        found.update(_expand(item))
+        found.update(_absolute(uri) for uri in _expand(item))
     if not found:
         raise InputError(f"input {specs if len(specs) > 1 else specs[0]!r} matched no video files")
     return sorted(found)
 
 
+def input_folders(spec: str | list[str]) -> list[Path]:
+    """The local folders that `input` reads from: folders, and the fixed part of globs."""
+    folders = []
+    for item in [spec] if isinstance(spec, str) else list(spec):
+        if not is_local(item):
+            continue
+        path = local_path(item)
+        if any(ch in path for ch in "*?["):
+            fixed = path[: min(path.find(ch) for ch in "*?[" if ch in path)]
+            folders.append(Path(_absolute(os.path.dirname(fixed) or ".")))
+        elif os.path.isdir(path):
+            folders.append(Path(_absolute(path)))
+    return folders
+
+
+def _absolute(uri: str) -> str:
+    return os.path.abspath(uri) if "://" not in uri else uri
+
+
 def _expand(item: str) -> list[str]:
+    suffix = Path(item).suffix.lower()
+    if suffix in DATASET_EXTENSIONS:
+        raise InputError(f"input {item}: {suffix[1:].upper()} data-set files are not read yet; "
+                         "give a folder, a glob or a .txt list of video paths")
     if any(ch in item for ch in "*?["):
         return _glob(item)
     if is_local(item):
         path = Path(local_path(item))
         if path.is_dir():
-            return [str(p) for p in sorted(path.rglob("*")) if p.suffix.lower() in VIDEO_EXTENSIONS and p.is_file()]
-        if path.suffix.lower() in LIST_EXTENSIONS:
+            return _walk(str(path), frozenset())
+        if suffix in LIST_EXTENSIONS:
             if not path.is_file():
-                raise InputError(f"input list file not found: {path}")
+                raise InputError(_missing("input list file", path))
             return _read_list(path.read_text(), str(path.parent))
         if not path.exists():
-            raise InputError(f"input not found: {path}")
+            raise InputError(_missing("input", path))
         return [str(path)]
-    if Path(item).suffix.lower() in LIST_EXTENSIONS:
+    if suffix in LIST_EXTENSIONS:
         with fsspec.open(item, "rt") as f:
             return _read_list(f.read(), item.rsplit("/", 1)[0])
     return [item]  # a single remote URI; unreadable ones are reported per source at run time
 
 
+def _missing(what: str, path: Path) -> str:
+    reason = broken_link_reason(str(path))
+    return f"{what} {path}: {reason}" if reason else f"{what} not found: {path}"
+
+
+def _walk(folder: str, walking: frozenset) -> list[str]:
+    """Video files under `folder`, following symlinked folders (like `find -L`).
+
+    A symlink that cannot be followed (broken, or a loop) is listed when it is named like a
+    video or has no extension (it may have been a folder of them): reading it then fails
+    with the reason, so it is a reject row rather than silently missing."""
+    try:
+        entries = sorted(os.scandir(folder), key=lambda e: e.name)
+        walking = walking | {_identity(folder)}
+    except OSError as exc:
+        raise InputError(f"input folder {folder}: cannot be read: {exc.strerror or exc}") from None
+    found = []
+    for entry in entries:
+        suffix = os.path.splitext(entry.name)[1].lower()
+        try:
+            is_dir, is_file = entry.is_dir(), entry.is_file()
+        except OSError:  # a symlink loop
+            is_dir = is_file = False
+        if is_dir:
+            # A symlink back to a folder being walked holds nothing that is not listed already.
+            if _identity(entry.path) not in walking:
+                found.extend(_walk(entry.path, walking))
+        elif is_file:
+            if suffix in VIDEO_EXTENSIONS:
+                found.append(entry.path)
+        elif entry.is_symlink() and (suffix in VIDEO_EXTENSIONS or not suffix) and not os.path.exists(entry.path):
+            found.append(entry.path)
+    return found
+
+
+def _identity(folder: str) -> tuple[int, int]:
+    stat = os.stat(folder)
+    return stat.st_dev, stat.st_ino
+
+
 def _glob(pattern: str) -> list[str]:
     if is_local(pattern):
-        return [p for p in sorted(glob.glob(local_path(pattern), recursive=True)) if os.path.isfile(p)]
+        return [p for p in sorted(glob.glob(local_path(pattern), recursive=True))
+                if os.path.isfile(p) or (os.path.islink(p) and not os.path.exists(p))]
     fs, _, paths = fsspec.get_fs_token_paths(pattern)
     return [fs.unstrip_protocol(p) for p in sorted(paths)]
 

@@ -15,6 +15,7 @@ Every error is a `RecipeError` whose one-line message names the recipe and the i
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -140,11 +141,34 @@ def _list_index(items: list, part: str, where: str) -> int:
 
 
 def load(path: str | Path, overrides: list[str] = ()) -> Recipe:
+    """The recipe at `path` with `--set` overrides applied. Relative `input` and `output`
+    paths in the file are relative to the recipe's folder; in overrides, to the current one."""
     path = Path(path)
     data = read_yaml_mapping(path, "recipe", "a recipe is a mapping with input, output and process")
-    for keys, value in parse_overrides(list(overrides)):
+    data = resolve_paths(data, path.parent)
+    parsed = parse_overrides(list(overrides))
+    for keys, value in parsed:
         apply_override(data, keys, value, str(path))
+    data = resolve_paths(data, Path.cwd(), {keys[0] for keys, _ in parsed})
     return from_dict(data, where=str(path), base_dir=path.parent)
+
+
+PATH_FIELDS = ("input", "output")
+
+
+def resolve_paths(data: dict, base_dir: Path, fields=PATH_FIELDS) -> dict:
+    """`data` with the relative local paths of `input` and `output` made absolute against
+    `base_dir` (normalised, `~` expanded); URIs are left as they are."""
+    def absolute(value):
+        if not isinstance(value, str) or not value or "://" in value:
+            return value
+        return os.path.abspath(os.path.join(base_dir, os.path.expanduser(value)))
+
+    resolved = dict(data)
+    for key in set(fields) & set(PATH_FIELDS) & set(data):
+        value = data[key]
+        resolved[key] = [absolute(v) for v in value] if isinstance(value, list) else absolute(value)
+    return resolved
 
 
 def read_yaml_mapping(path: Path, what: str, shape: str) -> dict:
@@ -167,6 +191,9 @@ def read_yaml_mapping(path: Path, what: str, shape: str) -> dict:
 
 
 def from_dict(data: dict, where: str = "<recipe>", base_dir: Path | None = None) -> Recipe:
+    """A recipe from a mapping; relative paths are relative to `base_dir` (default: the
+    current folder)."""
+    data = resolve_paths(data, base_dir or Path.cwd())
     try:
         model = RecipeModel.model_validate(data)
     except ValidationError as exc:

@@ -19,7 +19,7 @@ SCHEMA_VERSION = 1
 BASE_COLUMNS: dict[str, pa.DataType] = {
     "sample_id": pa.string(),  # stable: same input and recipe give the same id
     "kind": pa.string(),  # "video" | "image"
-    "source_uri": pa.string(),
+    "source_uri": pa.string(),  # an absolute local path, or the fsspec URI as given
     "start_frame": pa.int64(),  # in source frame indices
     "end_frame": pa.int64(),  # exclusive
     "start_time": pa.float64(),  # seconds from the first frame
@@ -33,7 +33,7 @@ BASE_COLUMNS: dict[str, pa.DataType] = {
     "text": pa.string(),  # caption; null until captioned
     "media": pa.binary(),  # encoded clip (mp4) or image (jpeg); null in reference mode
     "media_format": pa.string(),  # "mp4" | "jpeg" | null
-    "path": pa.string(),  # the source file, to read frames from in reference mode
+    "path": pa.string(),  # the source file (as source_uri), to read frames from in reference mode
 }
 
 REJECT_COLUMNS: dict[str, pa.DataType] = {

@@ -7,6 +7,7 @@ collector is a known cause of stalls in long-running loaders).
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import queue
 import threading
@@ -42,6 +43,20 @@ def local_path(uri: str) -> str:
     return uri[len("file://"):] if uri.startswith("file://") else uri
 
 
+def broken_link_reason(path: str) -> str | None:
+    """`broken symlink -> TARGET` or `symlink loop` when `path` is a symlink that cannot be
+    followed; None otherwise."""
+    if not os.path.islink(path):
+        return None
+    try:
+        os.stat(path)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return "symlink loop"
+        return f"broken symlink -> {os.readlink(path)}"
+    return None
+
+
 @contextlib.contextmanager
 def open_container(uri: str) -> Iterator[av.container.InputContainer]:
     """Open a source for reading; errors become `SourceError` with a readable reason."""
@@ -50,7 +65,7 @@ def open_container(uri: str) -> Iterator[av.container.InputContainer]:
             if is_local(uri):
                 path = local_path(uri)
                 if not os.path.exists(path):
-                    raise SourceError(f"file not found: {path}")
+                    raise SourceError(broken_link_reason(path) or f"file not found: {path}")
                 if os.path.getsize(path) == 0:
                     raise SourceError("empty file (0 bytes)")
                 target = path
