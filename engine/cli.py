@@ -12,6 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from . import registry
+from .extras import MissingExtraError, check_plan
 from .inputs import InputError, list_sources
 from .output import OutputError
 from .recipe import RecipeError, load
@@ -22,7 +23,7 @@ from .models import MissingModelError
 from .operator import FatalModelError
 
 USER_ERRORS = (RecipeError, InputError, OutputError, registry.RegistryError, MissingModelError, DeviceError,
-               FatalModelError)
+               FatalModelError, MissingExtraError)
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
 
 
@@ -32,6 +33,7 @@ def _fail(exc: Exception) -> None:
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="bricks", prog_name="bricks-dj", message="%(prog)s %(version)s")
 @click.option("-v", "--verbose", is_flag=True, help="Log each step.")
 def main(verbose: bool) -> None:
     """Turn raw videos into training shards with a YAML recipe of operators."""
@@ -83,7 +85,7 @@ def validate(recipe: str, overrides: tuple[str, ...]) -> None:
 
     try:
         loaded = load(recipe, list(overrides))
-        build(loaded)
+        check_plan(build(loaded), loaded.source)
         sources = list_sources(loaded.model.input)
     except USER_ERRORS as exc:
         _fail(exc)
@@ -186,15 +188,22 @@ DEMO_OVERRIDES = (
 @set_option
 def demo(workdir: str, num_videos: int, recipe_path: str, local: bool, overrides: tuple[str, ...]) -> None:
     """Generate synthetic brick-film videos and run the Text2Bricks recipe over them with tiny models."""
+    from .plan import build
     from .synthetic import generate_corpus
 
     videos = Path(workdir) / "videos"
+    demo_overrides = (f"input={videos}", f"output={Path(workdir) / 'out'}", *DEMO_OVERRIDES, *overrides)
+    try:  # a bad --set or a missing extra stops the demo before it generates anything
+        loaded = load(recipe_path, list(demo_overrides))
+        check_plan(build(loaded), loaded.source)
+    except USER_ERRORS as exc:
+        _fail(exc)
     if not (videos / "truth.json").exists():
         click.echo(f"generating {num_videos} synthetic brick-film videos in {videos}", err=True)
         generate_corpus(videos, num_videos=num_videos)
     ctx = click.get_current_context()
     ctx.invoke(run, recipe=recipe_path, local=local, address=None, overwrite=True, strict=True,
-               overrides=(f"input={videos}", f"output={Path(workdir) / 'out'}", *DEMO_OVERRIDES, *overrides))
+               overrides=demo_overrides)
 
 
 if __name__ == "__main__":

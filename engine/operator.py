@@ -202,6 +202,11 @@ class ModelOperator(Operator):
         """True when the operator runs a random-init test model (it then says so when loaded)."""
         return getattr(self.params, "preset", None) == "tiny"
 
+    def required_modules(self) -> tuple[str, ...]:
+        """Modules of an optional extra that `load` imports (see `bricks.engine.extras`), checked
+        when a recipe is validated or run, before any video is decoded."""
+        return ()
+
     def check(self) -> None:
         """Runs before any video is decoded (e.g. that an endpoint answers)."""
 

@@ -14,6 +14,7 @@ from typing import Any, Callable
 import pyarrow as pa
 
 from . import plan as plan_mod
+from .extras import check_plan
 from .inputs import list_sources
 from .operator import FatalModelError
 from .output import Progress, ShardWriter, prepare, write_atomic
@@ -21,7 +22,9 @@ from .recipe import Recipe
 from .runners import run_local, run_ray, split_result
 from .schema import SCHEMA_VERSION
 
-VERSIONED = ("bricks", "av", "scenedetect", "opencv-python", "pyarrow", "ray", "numpy", "pydantic")
+# Either build of scenedetect and OpenCV (the headless ones are the dependencies), whichever is here.
+VERSIONED = ("bricks", "av", "scenedetect", "scenedetect-headless", "opencv-python", "opencv-python-headless",
+             "pyarrow", "ray", "numpy", "pydantic")
 
 
 @dataclass
@@ -41,6 +44,7 @@ def run(recipe: Recipe, *, overwrite: bool = False, mode: str | None = None,
     """Run `recipe`; returns the manifest. Sources already committed in the output are skipped."""
     started = time.time()
     plan = plan_mod.build(recipe)
+    check_plan(plan, recipe.source)
     check_models(plan)
     sources = list_sources(recipe.model.input)
     out = Path(recipe.model.output)

@@ -41,6 +41,7 @@ def frame_size(resolution: str, aspect_ratio: str, size: str | None) -> tuple[in
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="bricks", prog_name="bricks-sample", message="%(prog)s %(version)s")
 @click.argument("prompts", nargs=-1)
 @click.option("--prompts-file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="One prompt per line (blank lines skipped).")

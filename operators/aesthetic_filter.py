@@ -70,6 +70,9 @@ class AestheticFilter(ModelOperator):
         p = self.params
         return [ModelFile(p.clip_repo, p.clip_file, p.clip_weights), ModelFile(p.mlp_repo, p.mlp_file, p.mlp_weights)]
 
+    def required_modules(self) -> tuple[str, ...]:
+        return ("torch", "open_clip")
+
     def load(self, device: str) -> None:
         import torch
 

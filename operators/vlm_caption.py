@@ -111,6 +111,14 @@ class VlmCaption(ModelOperator):
             return []
         return [ModelFile(p.model, None, p.model_path)]
 
+    def required_modules(self) -> tuple[str, ...]:
+        p = self.params  # the same choice of backend as `load`
+        if p.backend == "openai":
+            return ()
+        if p.preset == "tiny" or p.backend == "transformers":
+            return ("torch", "transformers")
+        return ("vllm",)
+
     def check(self) -> None:
         if self.params.backend == "openai":
             try:

@@ -31,6 +31,7 @@ def _list_configs(ctx: click.Context, _param, value: bool) -> None:
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="bricks", prog_name="bricks-train", message="%(prog)s %(version)s")
 @click.option("--list-configs", is_flag=True, expose_value=False, is_eager=True, callback=_list_configs,
               help="List the shipped configs (names for --config) and exit.")
 @click.option("--config", "config_ref", required=True,
