@@ -15,9 +15,9 @@ import pyarrow as pa
 
 from . import plan as plan_mod
 from .extras import check_plan
-from .inputs import list_sources
+from .inputs import input_folders, list_sources
 from .operator import FatalModelError
-from .output import Progress, ShardWriter, prepare, write_atomic
+from .output import Progress, ShardWriter, claim, prepare, write_manifest
 from .recipe import Recipe
 from .runners import run_local, run_ray, split_result
 from .schema import SCHEMA_VERSION
@@ -48,27 +48,28 @@ def run(recipe: Recipe, *, overwrite: bool = False, mode: str | None = None,
     check_models(plan)
     sources = list_sources(recipe.model.input)
     out = Path(recipe.model.output)
-    progress = prepare(out, plan.recipe_key, overwrite)
-    todo = [(i, uri) for i, uri in enumerate(sources) if uri not in progress.done_sources]
-    if on_start:
-        on_start(len(sources), len(sources) - len(todo))
-    ex = plan.executor
-    writer = ShardWriter(out, plan.schema, progress, ex.rows_per_shard, ex.shard_mb << 20)
-    runner = run_ray if (mode or ex.mode) == "ray" else run_local
-    pending: dict[int, list[pa.Table]] = {}
-    if todo:
-        for table in _unwrap_fatal(runner(plan, todo)):
-            for index in sorted(set(table.column("_source_index").to_pylist())):
-                part = table.filter(pa.compute.equal(table.column("_source_index"), index))
-                pending.setdefault(index, []).append(part)
-                rows = sum(t.num_rows for t in pending[index])
-                if rows == part.column("_source_rows")[0].as_py():
-                    _complete(plan, writer, pa.concat_tables(pending.pop(index)), on_source)
-    writer.commit()
-    if pending:
-        raise RuntimeError(f"internal error: {len(pending)} sources returned incomplete results")
-    manifest = build_manifest(recipe, plan, progress, len(sources), len(sources) - len(todo), started)
-    write_atomic(out / "manifest.json", json.dumps(manifest, indent=2))
+    with claim(out, input_folders(recipe.model.input)):  # held until the manifest is written
+        progress = prepare(out, plan.recipe_key, overwrite)
+        todo = [(i, uri) for i, uri in enumerate(sources) if uri not in progress.done_sources]
+        if on_start:
+            on_start(len(sources), len(sources) - len(todo))
+        ex = plan.executor
+        writer = ShardWriter(out, plan.schema, progress, ex.rows_per_shard, ex.shard_mb << 20)
+        runner = run_ray if (mode or ex.mode) == "ray" else run_local
+        pending: dict[int, list[pa.Table]] = {}
+        if todo:
+            for table in _unwrap_fatal(runner(plan, todo)):
+                for index in sorted(set(table.column("_source_index").to_pylist())):
+                    part = table.filter(pa.compute.equal(table.column("_source_index"), index))
+                    pending.setdefault(index, []).append(part)
+                    rows = sum(t.num_rows for t in pending[index])
+                    if rows == part.column("_source_rows")[0].as_py():
+                        _complete(plan, writer, pa.concat_tables(pending.pop(index)), on_source)
+        writer.commit()
+        if pending:
+            raise RuntimeError(f"internal error: {len(pending)} sources returned incomplete results")
+        manifest = build_manifest(recipe, plan, progress, len(sources), len(sources) - len(todo), started)
+        write_manifest(out, manifest)
     return manifest
 
 

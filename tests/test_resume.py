@@ -69,14 +69,17 @@ def test_partial_files_and_torn_ledger_lines_are_discarded(tmp_path, corpus):
     out = tmp_path / "out"
     ledger = out / "_state" / "commits.jsonl"
     lines = ledger.read_text().splitlines()
-    # Forget the last commit (as if killed between rename and ledger append) and tear a line.
+    # Killed while appending the last commit's ledger line: the line is torn and the commit's
+    # files are still under their temporary names. A temporary file of an earlier version too.
     last = json.loads(lines[-1])
     ledger.write_text("\n".join(lines[:-1]) + "\n" + lines[-1][: len(lines[-1]) // 2])
+    for name in [s["file"] for s in last["shards"]] + last["reject_files"]:
+        (out / name).rename(out / name.replace("/", "/.", 1).replace(".parquet", ".parquet.bricks-tmp"))
     (out / "shards" / ".part-00099.parquet.tmp").write_bytes(b"partial")
     assert subprocess.run(cli(recipe), capture_output=True).returncode == 0
     manifest = read_manifest(out)
     assert manifest["sources"]["skipped_as_done"] == len(lines) - 1
-    assert not (out / "shards" / ".part-00099.parquet.tmp").exists()
+    assert not list(out.glob("*/.*tmp")), "temporary files are removed"
     ids = read_shards(out).column("sample_id").to_pylist()
     assert len(ids) == len(set(ids)) == manifest["samples"]["total"]
     # The forgotten commit's sources were processed again and committed once.
