@@ -13,7 +13,7 @@ from rich.table import Table
 
 from . import registry
 from .extras import MissingExtraError, check_plan
-from .inputs import InputError, list_sources
+from .inputs import InputError
 from .output import OutputError
 from .recipe import RecipeError, load
 
@@ -21,9 +21,10 @@ from .model_stage import DeviceError
 from .models import MissingModelError
 
 from .operator import FatalModelError
+from .ray_cluster import RayClusterError
 
 USER_ERRORS = (RecipeError, InputError, OutputError, registry.RegistryError, MissingModelError, DeviceError,
-               FatalModelError, MissingExtraError)
+               FatalModelError, MissingExtraError, RayClusterError)
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
 
 
@@ -56,7 +57,10 @@ def run(recipe: str, overrides: tuple[str, ...], address: str | None, local: boo
     from .progress import RunProgress, summary_table
     from .run import run as run_recipe
 
-    overrides = list(overrides) + ([f"executor.address={address}"] if address else [])
+    if address and local:
+        raise click.UsageError("--address joins a Ray cluster and --local runs without Ray: give one of them")
+    if address:  # as JSON, a YAML string whatever the address looks like (`[::1]:6379`)
+        overrides = [*overrides, "executor.mode=ray", f"executor.address={json.dumps(address)}"]
     try:
         loaded = load(recipe, overrides)
         display = RunProgress()
@@ -80,13 +84,13 @@ def run(recipe: str, overrides: tuple[str, ...], address: str | None, local: boo
 @click.argument("recipe", type=click.Path(dir_okay=False))
 @set_option
 def validate(recipe: str, overrides: tuple[str, ...]) -> None:
-    """Check RECIPE (operators, parameters, inputs) without running it."""
-    from .plan import build
+    """Check RECIPE without running it: everything `run` checks before it starts (operators and
+    parameters, devices, weights and endpoints of model operators, inputs, the Ray cluster)."""
+    from .run import preflight
 
     try:
         loaded = load(recipe, list(overrides))
-        check_plan(build(loaded), loaded.source)
-        sources = list_sources(loaded.model.input)
+        _, sources = preflight(loaded)
     except USER_ERRORS as exc:
         _fail(exc)
     steps = ", ".join(op.name for op in loaded.ops)

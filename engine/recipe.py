@@ -91,13 +91,27 @@ class Recipe:
 
 
 def parse_overrides(pairs: list[str]) -> list[tuple[list[str], Any]]:
+    """`KEY=VALUE` pairs as (dotted key split, value read as YAML); a one-line `RecipeError`
+    naming the pair when it is not one."""
     out = []
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key.strip():
             raise RecipeError(f"--set {pair!r}: expected KEY=VALUE, e.g. executor.mode=local")
-        out.append((key.strip().split("."), yaml.safe_load(value) if value else None))
+        try:
+            parsed = yaml.safe_load(value) if value else None
+        except yaml.YAMLError as exc:
+            raise RecipeError(f"--set {pair!r}: the value is not valid YAML ({_yaml_problem(exc)}); "
+                              f"quote it to set it as text, e.g. --set '{key.strip()}=\"...\"'") from None
+        out.append((key.strip().split("."), parsed))
     return out
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """PyYAML's complaint about a one-line value, in one line."""
+    problem = getattr(exc, "problem", None) or str(exc).strip().splitlines()[0]
+    mark = getattr(exc, "problem_mark", None)
+    return f"column {mark.column + 1}: {problem}" if mark else problem
 
 
 def apply_override(data: dict, path: list[str], value: Any, where: str) -> None:
@@ -176,9 +190,15 @@ def read_yaml_mapping(path: Path, what: str, shape: str) -> dict:
     (and the line of a syntax error) otherwise. Recipes and training configs read this way."""
     where = str(path)
     try:
-        text = path.read_text()
+        raw = path.read_bytes()
     except OSError as exc:
         raise RecipeError(f"{where}: cannot read {what}: {exc.strerror or exc}") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        raise RecipeError(f"{where}: not UTF-8 text: byte {exc.start} (line {line}) is 0x{raw[exc.start]:02x}; "
+                          f"save the {what} as UTF-8") from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:

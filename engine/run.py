@@ -18,6 +18,7 @@ from .extras import check_plan
 from .inputs import input_folders, list_sources
 from .operator import FatalModelError
 from .output import Progress, ShardWriter, claim, prepare, write_manifest
+from .ray_cluster import cluster_address, init_ray
 from .recipe import Recipe
 from .runners import run_local, run_ray, split_result
 from .schema import SCHEMA_VERSION
@@ -43,10 +44,7 @@ def run(recipe: Recipe, *, overwrite: bool = False, mode: str | None = None,
         on_source: Callable[[SourceDone], None] | None = None) -> dict[str, Any]:
     """Run `recipe`; returns the manifest. Sources already committed in the output are skipped."""
     started = time.time()
-    plan = plan_mod.build(recipe)
-    check_plan(plan, recipe.source)
-    check_models(plan)
-    sources = list_sources(recipe.model.input)
+    plan, sources = preflight(recipe, mode)
     out = Path(recipe.model.output)
     with claim(out, input_folders(recipe.model.input)):  # held until the manifest is written
         progress = prepare(out, plan.recipe_key, overwrite)
@@ -84,6 +82,19 @@ def _unwrap_fatal(tables):
         if cause is not None:
             raise FatalModelError(str(cause).splitlines()[0]) from exc
         raise
+
+
+def preflight(recipe: Recipe, mode: str | None = None) -> tuple[plan_mod.Plan, list[str]]:
+    """What `run` checks before it writes or decodes anything, and all that `bricks-dj validate`
+    does: the operators, their order and extras; each model operator's device, weights and
+    endpoint; the inputs; and, for a run that joins a Ray cluster, that the cluster is there."""
+    plan = plan_mod.build(recipe)
+    check_plan(plan, recipe.source)
+    check_models(plan)
+    sources = list_sources(recipe.model.input)
+    if (mode or plan.executor.mode) == "ray" and cluster_address(plan.executor):
+        init_ray(plan.executor)
+    return plan, sources
 
 
 def check_models(plan) -> None:

@@ -10,8 +10,8 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import os
 import pickle
+import warnings
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Iterator
@@ -21,7 +21,7 @@ import pyarrow as pa
 from .model_stage import ModelActor, preprocess_table, ray_resources
 from .pipeline import SourceResult, process_source
 from .plan import Plan
-from .recipe import ExecutorConfig
+from .ray_cluster import init_ray
 from .schema import REJECT_COLUMNS
 
 log = logging.getLogger("bricks")
@@ -134,26 +134,13 @@ def _ray_batch(batch: pa.Table, plan: Plan) -> pa.Table:
     return pa.concat_tables(tables)
 
 
-def init_ray(executor: ExecutorConfig) -> None:
-    import ray
-
-    if ray.is_initialized():
-        return
-    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-    kwargs = dict(include_dashboard=False, logging_level=logging.WARNING, log_to_driver=True)
-    if executor.address:
-        ray.init(address=executor.address, **kwargs)
-    else:
-        ray.init(num_cpus=executor.num_cpus, **kwargs)
-
-
 def run_ray(plan: Plan, sources: list[tuple[int, str]]) -> Iterator[pa.Table]:
+    init_ray(plan.executor)  # before `import ray`: some of its settings are read on import
     import ray
     from ray import cloudpickle
 
     from . import registry
 
-    init_ray(plan.executor)
     for module in registry.file_plugin_modules():
         cloudpickle.register_pickle_by_value(module)  # workers cannot import a recipe's .py plug-ins
     context = ray.data.DataContext.get_current()
@@ -171,7 +158,14 @@ def run_ray(plan: Plan, sources: list[tuple[int, str]]) -> Iterator[pa.Table]:
         # (fused into an actor pool, decoding would run on `pool_size` workers only).
         ds = ds.map_batches(preprocess_table, fn_kwargs={"step": step, "schema": schema},
                             batch_format="pyarrow", num_cpus=0.5)
-        ds = ds.map_batches(ModelActor, fn_constructor_args=(plan, k), batch_size=step.op.params.batch_size,
-                            batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=step.op.params.pool_size),
-                            **ray_resources(step.op))
+        with warnings.catch_warnings():
+            # No actor restarts: Ray Data hands its actors their constructor arguments through
+            # the object store, from which Ray cannot restart an actor reliably (ray-project/ray#53727;
+            # Ray logs an error saying so). An actor that dies stops the run; rerunning resumes.
+            # Ray 2.60 has no named parameter for it yet, only the deprecated remote arguments.
+            warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated", category=DeprecationWarning)
+            ds = ds.map_batches(ModelActor, fn_constructor_args=(plan, k), batch_size=step.op.params.batch_size,
+                                batch_format="pyarrow",
+                                compute=ray.data.ActorPoolStrategy(size=step.op.params.pool_size),
+                                max_restarts=0, **ray_resources(step.op))
     yield from ds.iter_batches(batch_size=None, batch_format="pyarrow")
