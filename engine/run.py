@@ -17,7 +17,7 @@ from . import plan as plan_mod
 from .extras import check_plan
 from .inputs import input_folders, list_sources
 from .operator import FatalModelError
-from .output import Progress, ShardWriter, claim, prepare, write_manifest
+from .output import Progress, ShardWriter, check_location, claim, prepare, write_manifest
 from .ray_cluster import cluster_address, init_ray
 from .recipe import Recipe
 from .runners import run_local, run_ray, split_result
@@ -87,11 +87,13 @@ def _unwrap_fatal(tables):
 def preflight(recipe: Recipe, mode: str | None = None) -> tuple[plan_mod.Plan, list[str]]:
     """What `run` checks before it writes or decodes anything, and all that `bricks-dj validate`
     does: the operators, their order and extras; each model operator's device, weights and
-    endpoint; the inputs; and, for a run that joins a Ray cluster, that the cluster is there."""
+    endpoint; the inputs; where the output goes; and, for a run that joins a Ray cluster, that
+    the cluster is there."""
     plan = plan_mod.build(recipe)
     check_plan(plan, recipe.source)
     check_models(plan)
     sources = list_sources(recipe.model.input)
+    check_location(Path(recipe.model.output), input_folders(recipe.model.input))
     if (mode or plan.executor.mode) == "ray" and cluster_address(plan.executor):
         init_ray(plan.executor)
     return plan, sources

@@ -3,6 +3,7 @@ write errors (a full disk, a folder that cannot be written) are one line that a 
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -99,6 +100,9 @@ def test_an_output_in_the_input_folder_is_refused(tmp_path, videos, where):
     out = folder if where == "same" else folder / "derived" / "out"
     recipe = write_recipe(tmp_path, PROCESS, input=folder, output=out)
     one_line_error(cli(recipe), f"output {out} is", "input folder", "choose an output folder outside the input")
+    validate = subprocess.run([sys.executable, "-m", "bricks.engine.cli", "validate", str(recipe)],
+                              capture_output=True, text=True)
+    one_line_error(validate, f"output {out} is", "input folder")
     assert not (folder / "derived").exists() and not (folder / "_state").exists()
     glob_recipe = write_recipe(tmp_path, PROCESS, input=f"{folder}/*.mp4", output=folder / "out")
     one_line_error(cli(glob_recipe), "is inside the input folder")
@@ -130,15 +134,32 @@ def test_an_output_that_cannot_be_written_is_one_line(tmp_path, videos, monkeypa
     assert result.stderr == f"bricks-dj: error: output {out}: cannot write {out}: Permission denied\n"
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root writes through file permissions")
+@contextlib.contextmanager
+def read_only(folder: Path):
+    """`folder` made read-only: by its mode, or for root (whom modes do not stop) by a
+    read-only bind mount; skips where neither is possible."""
+    if os.geteuid() != 0:
+        folder.chmod(0o555)
+        try:
+            yield "Permission denied"
+        finally:
+            folder.chmod(0o755)
+        return
+    if subprocess.run(["mount", "--bind", str(folder), str(folder)], capture_output=True).returncode:
+        pytest.skip("a read-only bind mount needs privileges")
+    try:
+        assert subprocess.run(["mount", "-o", "remount,ro,bind", str(folder)]).returncode == 0
+        yield "Read-only file system"
+    finally:
+        subprocess.run(["umount", str(folder)])
+
+
 def test_a_read_only_output_folder_is_one_line(tmp_path, videos):
     out = tmp_path / "out"
     out.mkdir()
-    out.chmod(0o555)
-    try:
-        one_line_error(cli(write_recipe(tmp_path, PROCESS, input=videos, output=out)), "Permission denied")
-    finally:
-        out.chmod(0o755)
+    with read_only(out) as reason:
+        one_line_error(cli(write_recipe(tmp_path, PROCESS, input=videos, output=out)),
+                       f"output {out}: cannot write {out / LOCK}: {reason}")
 
 
 @pytest.mark.parametrize("failing", ["second commit", "manifest"])
