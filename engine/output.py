@@ -32,7 +32,7 @@ from typing import Any, Iterator
 
 try:
     import fcntl
-except ImportError:  # not on Windows: the lock then relies on the holder's pid alone
+except ImportError:  # Windows: the lock is then the lock file's atomic creation and its pid
     fcntl = None
 
 import pyarrow as pa
