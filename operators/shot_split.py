@@ -1,8 +1,9 @@
 """`shot_split`: cut a source video into shots with PySceneDetect's detectors.
 
 The detectors are PySceneDetect's own; the engine feeds them the frames of its single decode
-pass, scaled in libswscale to the size PySceneDetect's `detect()` would use (its automatic
-downscale to about 256 px on the long side), so the cut list equals what `detect()` gives.
+pass made exactly as `detect()` makes them (BGR at full size, upright, shrunk by `cv2.resize` to
+about 256 px on the long side: see `bricks.engine.pipeline.segmenter_frame`), so every frame's
+score, and with it the cut list, equals what `detect()` computes.
 """
 
 from __future__ import annotations
@@ -13,12 +14,10 @@ import cv2
 import numpy as np
 from scenedetect import AdaptiveDetector, ContentDetector, ThresholdDetector
 from scenedetect.common import FrameTimecode
+from scenedetect.scene_manager import compute_downscale_factor
 
 from bricks.engine.operator import OperatorParams, SegmentTracker, Segmenter
 from bricks.engine.registry import register
-
-# PySceneDetect's default effective width for automatic downscaling.
-DETECT_WIDTH = 256
 
 
 class ShotSplitParams(OperatorParams):
@@ -39,10 +38,11 @@ class ShotSplit(Segmenter):
     Params = ShotSplitParams
 
     def frame_size(self, width: int, height: int) -> tuple[int, int]:
-        longest = max(width, height)
-        if longest < DETECT_WIDTH:
+        # SceneManager.detect_scenes: a factor from the longest side of the upright frame, and
+        # sizes rounded as its cv2.resize call rounds them.
+        factor = compute_downscale_factor(max(width, height))
+        if factor <= 1.0:
             return width, height
-        factor = longest / DETECT_WIDTH
         return max(1, round(width / factor)), max(1, round(height / factor))
 
     def make_detector(self):
@@ -69,22 +69,28 @@ class _ExactFastScore:
     """PySceneDetect's content score, the weighted mean over hue, saturation, value (and edges
     when weighted) of the mean absolute difference to the previous frame, summed by OpenCV
     from uint8 differences instead of through int32 copies: the same integers in the same
-    order, so the same float (tested), at a fraction of the per-frame cost."""
+    order, so the same float (tested), at a fraction of the per-frame cost. With a
+    `stats_manager` it records the same per-frame metrics as PySceneDetect's detector (edges
+    included, as there)."""
 
     _previous: list[np.ndarray] | None = None
 
     def _calculate_frame_score(self, timecode, frame_img: np.ndarray) -> float:
         channels = list(cv2.split(cv2.cvtColor(frame_img, cv2.COLOR_BGR2HSV)))
         weights = self._weights
-        if weights.delta_edges > 0.0:
+        if weights.delta_edges > 0.0 or self.stats_manager is not None:
             channels.append(self._detect_edges(channels[2]))
         previous, self._previous = self._previous, channels
         if previous is None:
             return 0.0
         pixels = float(frame_img.shape[0] * frame_img.shape[1])
         deltas = [cv2.sumElems(cv2.absdiff(now, before))[0] / pixels for now, before in zip(channels, previous)]
-        deltas += [0.0] * (4 - len(deltas))  # no edge term unless it is weighted
-        return sum(d * w for d, w in zip(deltas, weights)) / sum(abs(w) for w in weights)
+        deltas += [0.0] * (4 - len(deltas))  # no edge term unless it is weighted or recorded
+        score = sum(d * w for d, w in zip(deltas, weights)) / sum(abs(w) for w in weights)
+        if self.stats_manager is not None:
+            components = ContentDetector.Components(*deltas)._asdict()
+            self.stats_manager.set_metrics(timecode, {self.FRAME_SCORE_KEY: score, **components})
+        return score
 
 
 class FastContentDetector(_ExactFastScore, ContentDetector):
