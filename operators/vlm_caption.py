@@ -72,6 +72,9 @@ class VlmCaptionParams(ModelParams):
     api_base: str = "https://api.openai.com/v1"
     api_key_env: str = "OPENAI_API_KEY"
     """The environment variable holding the API key (never the key itself)."""
+    allow_insecure_http: bool = False
+    """Send the key over plain http to another machine (it goes only over https or to this
+    machine otherwise)."""
     concurrency: int = Field(default=8, ge=1)
     retries: int = Field(default=5, ge=0)
     timeout: float = Field(default=60.0, gt=0)
@@ -86,6 +89,17 @@ class VlmCaptionParams(ModelParams):
             path = getattr(self, name)
             if path is not None and not Path(path).is_file():
                 raise ValueError(f"{name}: {path} is not a file")
+        return self
+
+    @model_validator(mode="after")
+    def _key_goes_over_https(self):
+        if self.backend == "openai":
+            from .vlm_backends.openai_backend import transport_problem
+
+            # A key is always sent to another machine (the backend refuses to go without one).
+            problem = transport_problem(self.api_base, self.allow_insecure_http)
+            if problem:
+                raise ValueError(problem)
         return self
 
 
@@ -132,7 +146,7 @@ class VlmCaption(ModelOperator):
         p = self.params
         return OpenAIBackend(api_base=p.api_base, model=p.model, api_key_env=p.api_key_env, concurrency=p.concurrency,
                              retries=p.retries, timeout=p.timeout, max_tokens=p.max_new_tokens,
-                             temperature=p.temperature)
+                             temperature=p.temperature, allow_insecure_http=p.allow_insecure_http)
 
     def load(self, device: str) -> None:
         p = self.params

@@ -294,3 +294,135 @@ def test_check_accepts_missing_models_route(server, key):
     client, _ = backend(server.url)
     client.check()
     assert server.hits[0]["headers"]["Authorization"] == f"Bearer {key}"
+
+
+# -- the API key: where it may go, and that no message quotes it ---------------------------
+
+
+@pytest.fixture
+def echoing(server):
+    """`server`, with `echo(status, padding)` making its chat answers quote the Authorization header."""
+
+    def echo(status: int, padding: int = 0) -> None:
+        def reply(hit: int, body: dict) -> Reply:
+            auth = server.chat_hits()[hit]["headers"].get("Authorization", "")
+            return status, {}, "p" * padding + f"invalid credentials: {auth}", 0.0
+
+        server.chat = reply
+
+    server.echo = echo
+    return server
+
+
+@pytest.mark.parametrize("status, padding", [(400, 0), (500, 0), (200, 0), (400, 165)])
+def test_an_echoed_key_is_redacted_from_the_failure(echoing, key, status, padding, caplog):
+    # 200 with a body that is not a completion: "malformed response". Padding 165 puts the key
+    # across the point where the quoted body is cut short (200 characters).
+    echoing.echo(status, padding)
+    client, _ = backend(echoing.url, retries=2)
+    with caplog.at_level("DEBUG", logger="bricks"):
+        (result,) = client.generate([caption_request()])
+    assert isinstance(result, Exception)
+    assert f"Bearer {key}" in echoing.chat_hits()[0]["headers"]["Authorization"]  # it was sent
+    message = str(result)
+    assert key[:5] not in message and key[:5] not in caplog.text
+    if padding == 0:
+        assert "invalid credentials: Bearer [redacted]" in message
+    if status == 500:
+        assert "retry 1" in caplog.text and "[redacted]" in caplog.text
+
+
+def test_a_key_in_the_url_is_redacted_from_endpoint_down(key):
+    url = f"http://user:{key}@127.0.0.1:{free_port()}/v1"
+    client, _ = backend(url, retries=0)
+    with pytest.raises(EndpointDown) as raised:
+        client.check()
+    assert key not in str(raised.value) and "user:[redacted]@127.0.0.1" in str(raised.value)
+    assert raised.value.__cause__ is None and raised.value.__suppress_context__
+    with pytest.raises(EndpointDown) as raised:
+        client.generate([caption_request()])
+    assert key not in str(raised.value) and "cannot reach" in str(raised.value)
+
+
+def test_a_key_with_a_line_break_is_refused_without_quoting_it(monkeypatch):
+    monkeypatch.setenv(KEY_ENV, "sk-secret-456\n")
+    with pytest.raises(ValueError) as raised:
+        OpenAIBackend(api_base="https://api.example.com/v1", model="m", api_key_env=KEY_ENV)
+    assert KEY_ENV in str(raised.value) and "sk-secret" not in str(raised.value)
+
+
+@pytest.mark.parametrize("url", ["http://api.example.com/v1", "http://10.0.0.7:8000/v1",
+                                 "http://vllm.localhost:8000/v1", "http://0.0.0.0:8000/v1"])
+def test_the_key_does_not_go_over_plain_http_to_other_machines(key, url):
+    with pytest.raises(ValueError, match="plain http to another machine.*allow_insecure_http: true"):
+        OpenAIBackend(api_base=url, model="m", api_key_env=KEY_ENV)
+    assert OpenAIBackend(api_base=url, model="m", api_key_env=KEY_ENV, allow_insecure_http=True).api_key == key
+
+
+@pytest.mark.parametrize("url", ["https://api.example.com/v1", "http://localhost:8000/v1",
+                                 "http://127.0.0.1:8000/v1", "http://127.3.2.1/v1", "http://[::1]:8000/v1"])
+def test_the_key_goes_over_https_and_to_loopback(key, url):
+    assert OpenAIBackend(api_base=url, model="m", api_key_env=KEY_ENV).api_key == key
+
+
+@pytest.mark.parametrize("url", ["ftp://api.example.com/v1", "api.example.com/v1", "https:///v1"])
+def test_api_base_must_be_an_http_url(key, url):
+    with pytest.raises(ValueError, match="is not an http\\(s\\) URL"):
+        OpenAIBackend(api_base=url, model="m", api_key_env=KEY_ENV)
+
+
+def caption_recipe(url: str, video: str, out, **params) -> dict:
+    return {"input": video, "output": str(out), "executor": {"mode": "local"},
+            "process": [{"shot_split": {}}, {"vlm_caption": {"backend": "openai", "model": "m", "api_base": url,
+                                                             "api_key_env": KEY_ENV, "device": "cpu", "retries": 0,
+                                                             **params}}]}
+
+
+def test_an_echoed_key_never_reaches_the_rejects_table(echoing, key, tmp_path):
+    from bricks.engine.recipe import from_dict
+    from bricks.engine.run import run
+
+    from conftest import read_rejects, short_video
+
+    echoing.echo(401)
+    video = short_video(tmp_path / "v.mp4")
+    manifest = run(from_dict(caption_recipe(echoing.url, video.path, tmp_path / "out")))
+    assert manifest["ops"][1]["failed"] == 2 and echoing.chat_hits()
+    rejects = read_rejects(tmp_path / "out").to_pylist()
+    assert len(rejects) == 2 and key not in str(rejects)
+    assert all("HTTP 401: invalid credentials: Bearer [redacted]" in r["reason"] for r in rejects)
+
+
+def test_recipes_refuse_plain_http_to_other_machines(tmp_path):
+    import subprocess
+    import sys
+
+    import yaml
+
+    from bricks.engine.recipe import RecipeError, from_dict
+
+    url = "http://10.0.0.7:8000/v1"
+    with pytest.raises(RecipeError) as err:
+        from_dict(caption_recipe(url, "videos/", tmp_path / "out"), where="r.yaml")
+    assert str(err.value).startswith("r.yaml: process[1] vlm_caption: ") and "\n" not in str(err.value)
+    assert f"api_base {url} is plain http to another machine" in str(err.value)
+    from_dict(caption_recipe(url, "videos/", tmp_path / "out", allow_insecure_http=True))
+    from_dict(caption_recipe("http://127.0.0.1:8000/v1", "videos/", tmp_path / "out"))
+    # Only the openai backend sends a key.
+    from_dict(caption_recipe(url, "videos/", tmp_path / "out", backend="transformers"))
+
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(caption_recipe(url, str(tmp_path), tmp_path / "out")))
+    proc = subprocess.run([sys.executable, "-m", "bricks.engine.cli", "validate", str(path)],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().count("\n") == 0 and "allow_insecure_http: true" in proc.stderr
+
+
+def test_a_caption_that_quotes_the_key_is_redacted(server, key):
+    def quote_key(hit: int, body: dict) -> Reply:
+        return 200, {}, completion(f"A figure holding a sign saying {key}."), 0.0
+
+    server.chat = quote_key
+    client, _ = backend(server.url)
+    assert client.generate([caption_request()]) == ["A figure holding a sign saying [redacted]."]

@@ -6,6 +6,11 @@ followed by the prompt text. Requests go out concurrently from a small thread po
 that still fails comes back as an Exception in its slot, so one bad sample does not sink the
 batch; a service that cannot be reached at all raises `EndpointDown`, so the run stops instead of
 marking every sample failed.
+
+The API key goes only over https or to this machine (loopback), unless the caller allows plain
+http. Whatever an endpoint answers may quote the key back (some echo the Authorization header in
+their error bodies): every message built here has the key's value redacted before it is cut
+short, so it reaches neither the rejects table, nor an error that stops the run, nor the log.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ log = logging.getLogger("bricks")
 
 BODY_PREVIEW = 200  # characters of a server's error body quoted in messages
 CHECK_TIMEOUT = 10.0  # the preflight should answer fast even when captions are slow
+REDACTED = "[redacted]"
 
 
 class RequestFailed(RuntimeError):
@@ -38,14 +44,26 @@ class RequestFailed(RuntimeError):
 
 
 def is_loopback(api_base: str) -> bool:
-    """True for localhost / 127.x / ::1 addresses, where a local `vllm serve` needs no key."""
+    """True for `localhost`, 127.0.0.0/8 and ::1: this machine, where a local `vllm serve`
+    needs no key and plain http never leaves the host."""
     host = urlsplit(api_base).hostname or ""
-    if host == "localhost" or host.endswith(".localhost"):
+    if host == "localhost":
         return True
     try:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+def transport_problem(api_base: str, allow_insecure_http: bool = False, sends_key: bool = True) -> str | None:
+    """Why requests (with an API key, if `sends_key`) must not go to `api_base`, or None."""
+    parts = urlsplit(api_base)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return f"api_base {api_base!r} is not an http(s) URL such as https://api.openai.com/v1"
+    if sends_key and parts.scheme == "http" and not is_loopback(api_base) and not allow_insecure_http:
+        return (f"api_base {api_base} is plain http to another machine: the API key would cross the "
+                "network unencrypted; use https, or set allow_insecure_http: true on a network you trust")
+    return None
 
 
 def one_line(text: str, limit: int = BODY_PREVIEW) -> str:
@@ -77,15 +95,13 @@ def chat_messages(request: CaptionRequest) -> list[dict[str, Any]]:
     return [{"role": "user", "content": content}]
 
 
-def answer_text(response: requests.Response) -> str:
-    """`choices[0].message.content`, or RequestFailed when the body does not have it."""
+def answer_text(response: requests.Response) -> str | None:
+    """`choices[0].message.content`, or None when the body does not have it."""
     try:
         content = response.json()["choices"][0]["message"]["content"]
     except (ValueError, KeyError, IndexError, TypeError):
-        content = None
-    if not isinstance(content, str):
-        raise RequestFailed(f"malformed response (HTTP {response.status_code}): {one_line(response.text)}")
-    return content
+        return None
+    return content if isinstance(content, str) else None
 
 
 def is_retryable(status: int) -> bool:
@@ -98,13 +114,14 @@ def is_body_timeout(error: requests.ConnectionError) -> bool:
 
 
 def connection_reason(error: requests.RequestException) -> str:
-    """The root cause of a connection error ("[Errno 111] Connection refused"), on one line."""
+    """The root cause of a connection error ("[Errno 111] Connection refused"), uncut: callers
+    redact it before they shorten it."""
     reason = getattr(error.args[0], "reason", None) if error.args else None
     text = str(reason if reason is not None else error)
     # urllib3 prefixes the connection object's repr: "HTTPConnection(host=..., port=...): ..."
     if text.startswith(("HTTPConnection(", "HTTPSConnection(")) and "): " in text:
         text = text.split("): ", 1)[1]
-    return one_line(text, 300)
+    return text
 
 
 def new_session() -> requests.Session:
@@ -127,6 +144,7 @@ class OpenAIBackend:
         temperature: float = 0.0,
         backoff: float = 1.0,
         max_backoff: float = 30.0,
+        allow_insecure_http: bool = False,
     ) -> None:
         if concurrency < 1:
             raise ValueError(f"concurrency must be at least 1, got {concurrency}")
@@ -144,18 +162,41 @@ class OpenAIBackend:
         self.max_backoff = max_backoff
         self.sleep: Callable[[float], None] = time.sleep  # tests swap this out to avoid waiting
         self.api_key = self._read_key()
+        problem = transport_problem(self.api_base, allow_insecure_http, sends_key=self.api_key is not None)
+        if problem:
+            raise ValueError(problem)
 
     def _read_key(self) -> str | None:
         if self.api_key_env is None:
             return None
         key = os.environ.get(self.api_key_env)
         if key:
+            if key != key.strip() or not key.isprintable():  # never quote the key itself
+                raise ValueError(f"${self.api_key_env} holds whitespace or control characters: set it to the key alone")
             return key
         if is_loopback(self.api_base):
             return None  # a local server without auth: send no Authorization header
         raise ValueError(
             f"no API key for {self.api_base}: set the environment variable {self.api_key_env}"
         )
+
+    def redact(self, text: str) -> str:
+        """`text` without the API key's value."""
+        return text.replace(self.api_key, REDACTED) if self.api_key else text
+
+    def _quote(self, text: str, limit: int = BODY_PREVIEW) -> str:
+        """The start of a server's answer (or an error's text) on one line, key redacted first
+        so that cutting it short cannot leave part of the key behind."""
+        return one_line(self.redact(text), limit)
+
+    def _down(self, message: str) -> EndpointDown:
+        return EndpointDown(self.redact(message))
+
+    def _failed(self, message: str) -> RequestFailed:
+        return RequestFailed(self.redact(message))
+
+    def _unreachable(self, url: str, error: requests.RequestException) -> EndpointDown:
+        return self._down(f"cannot reach {url}: {self._quote(connection_reason(error), 300)}")
 
     def _headers(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
@@ -178,10 +219,13 @@ class OpenAIBackend:
                 try:
                     response = session.get(url, headers=self._headers(), timeout=(limit, limit))
                 except (requests.ConnectionError, requests.Timeout) as error:
+                    # `from None` here and below: the original error's text is not redacted.
                     if attempt == self.retries:
-                        raise EndpointDown(f"cannot reach {url}: {connection_reason(error)}") from error
+                        raise self._unreachable(url, error) from None
                     self.sleep(self._delay(attempt))
                     continue
+                except requests.RequestException as error:  # a bad URL or header: no request can succeed
+                    raise self._down(f"request to {url} failed: {self._quote(str(error))}") from None
                 self._check_auth(url, response)
                 return  # any other status (404 without a /models route, even 5xx): the server is up
 
@@ -192,7 +236,7 @@ class OpenAIBackend:
             reason = f"the key in ${self.api_key_env} was refused"
         else:
             reason = "it needs an API key" + (f": set ${self.api_key_env}" if self.api_key_env else "")
-        raise EndpointDown(f"{url} answered HTTP {response.status_code}: {reason}")
+        raise self._down(f"{url} answered HTTP {response.status_code}: {reason}")
 
     # -- captions -------------------------------------------------------------------------
 
@@ -224,6 +268,8 @@ class OpenAIBackend:
             except EndpointDown:
                 stop.set()
                 raise
+            except Exception as error:  # whatever it was, it stays in its slot and quotes no key
+                return self._failed(f"{type(error).__name__}: {self._quote(str(error))}")
 
         workers = min(self.concurrency, len(requests))
         try:
@@ -256,13 +302,13 @@ class OpenAIBackend:
         failure = ""
         for attempt in range(self.retries + 1):
             if attempt and stop.is_set():
-                return RequestFailed(f"gave up after {failure}: the caption endpoint is down")
+                return self._failed(f"gave up after {failure}: the caption endpoint is down")
             response = None
             try:
                 response = session.post(url, json=payload, headers=self._headers(), timeout=timeout)
             except requests.ConnectTimeout as error:  # nothing answered the connect: unreachable
                 if attempt == self.retries:
-                    raise EndpointDown(f"cannot reach {url}: {connection_reason(error)}") from error
+                    raise self._unreachable(url, error) from None
                 failure = "connect timeout"
             except requests.Timeout:
                 failure = f"no answer within {self.timeout:g} s"
@@ -270,22 +316,23 @@ class OpenAIBackend:
                 if is_body_timeout(error):
                     failure = f"no answer within {self.timeout:g} s"
                 elif attempt == self.retries:
-                    raise EndpointDown(f"cannot reach {url}: {connection_reason(error)}") from error
+                    raise self._unreachable(url, error) from None
                 else:
-                    failure = f"connection error: {connection_reason(error)}"
+                    failure = f"connection error: {self._quote(connection_reason(error), 300)}"
             except requests.RequestException as error:  # a bad URL and the like: not worth retrying
-                return RequestFailed(f"request to {url} failed: {one_line(str(error))}")
+                return self._failed(f"request to {url} failed: {self._quote(str(error))}")
             else:
                 if 200 <= response.status_code < 300:
-                    try:
-                        return answer_text(response)
-                    except RequestFailed as error:
-                        return error
-                failure = f"HTTP {response.status_code}: {one_line(response.text)}"
+                    content = answer_text(response)
+                    if content is None:
+                        return self._failed(f"malformed response (HTTP {response.status_code}): "
+                                            f"{self._quote(response.text)}")
+                    return self.redact(content)  # a caption is stored too
+                failure = f"HTTP {response.status_code}: {self._quote(response.text)}"
                 if not is_retryable(response.status_code):
-                    return RequestFailed(failure)
+                    return self._failed(failure)
             if attempt < self.retries:
                 delay = self._delay(attempt, response)
                 log.debug("caption request: %s; retry %d in %.1f s", failure, attempt + 1, delay)
                 self.sleep(delay)
-        return RequestFailed(f"{failure} (after {self.retries} retries)")
+        return self._failed(f"{failure} (after {self.retries} retries)")
