@@ -54,7 +54,7 @@ set_option = click.option("--set", "overrides", multiple=True, metavar="KEY=VALU
 @click.option("--strict", is_flag=True, help="Exit with status 1 if any source or sample failed.")
 def run(recipe: str, overrides: tuple[str, ...], address: str | None, local: bool, overwrite: bool, strict: bool) -> None:
     """Run RECIPE; rerunning resumes where an interrupted run stopped."""
-    from .progress import RunProgress, summary_table
+    from .progress import RunProgress, print_summary
     from .run import run as run_recipe
 
     if address and local:
@@ -66,14 +66,12 @@ def run(recipe: str, overrides: tuple[str, ...], address: str | None, local: boo
         display = RunProgress()
         try:
             manifest = run_recipe(loaded, overwrite=overwrite, mode="local" if local else None,
-                                  on_start=display.start, on_source=display.source)
+                                  on_start=display.start, on_source=display.source, frames=display.frames)
         finally:
             display.close()
     except USER_ERRORS as exc:
         _fail(exc)
-    console = Console()
-    console.print(summary_table(manifest))
-    console.print(f"output: {loaded.model.output}")
+    print_summary(manifest, loaded.model.output)
     failed = manifest["rejects"]["failed"]  # failed sources are rows of the rejects table too
     if strict and failed:
         click.echo(f"bricks-dj: {failed} failures (see {loaded.model.output}/rejects)", err=True)

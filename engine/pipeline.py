@@ -20,6 +20,7 @@ import numpy as np
 from av.video.reformatter import VideoReformatter
 
 from .frames import BufferedFrames, FrameBuffer, FrameSource, RangeFrames, display_size, reformat, rotate, scaler
+from .live_frames import frame_counter
 from .operator import FanOut, Filter, Frames, FrameRequest, Mapper, Sample
 from .plan import Plan, Step
 from .samples import Drop, Dropped, SourceContext, clip_of
@@ -366,8 +367,10 @@ def _decode_and_cut(plan: Plan, source: Sample, ctx: SourceContext, result: Sour
     shots: _ShotRunner | None = None
     started = time.perf_counter()
     error: DecodeError | None = None
+    count_frames = frame_counter(ctx.info.uri, ctx.info.num_frames)  # for the progress display
     try:
         for decoded in decode_ahead(ctx.info.uri, plan.executor.decode_threads):
+            count_frames(decoded.index + 1)
             if decoded.index == 0:
                 ctx.rotation = int(decoded.frame.rotation or 0) % 360
                 shots = _ShotRunner(plan, ctx.oriented(source), ctx, result)

@@ -16,6 +16,7 @@ import pyarrow as pa
 from . import plan as plan_mod
 from .extras import check_plan
 from .inputs import input_folders, list_sources
+from .live_frames import FrameBoard
 from .operator import FatalModelError
 from .output import Progress, ShardWriter, check_location, claim, prepare, write_manifest
 from .ray_cluster import cluster_address, init_ray
@@ -41,8 +42,10 @@ class SourceDone:
 
 def run(recipe: Recipe, *, overwrite: bool = False, mode: str | None = None,
         on_start: Callable[[int, int], None] | None = None,
-        on_source: Callable[[SourceDone], None] | None = None) -> dict[str, Any]:
-    """Run `recipe`; returns the manifest. Sources already committed in the output are skipped."""
+        on_source: Callable[[SourceDone], None] | None = None,
+        frames: FrameBoard | None = None) -> dict[str, Any]:
+    """Run `recipe`; returns the manifest. Sources already committed in the output are skipped.
+    `frames`, if given, holds the frames decoded so far in the sources in flight."""
     started = time.time()
     plan, sources = preflight(recipe, mode)
     out = Path(recipe.model.output)
@@ -56,7 +59,7 @@ def run(recipe: Recipe, *, overwrite: bool = False, mode: str | None = None,
         runner = run_ray if (mode or ex.mode) == "ray" else run_local
         pending: dict[int, list[pa.Table]] = {}
         if todo:
-            for table in _unwrap_fatal(runner(plan, todo)):
+            for table in _unwrap_fatal(runner(plan, todo, frames)):
                 for index in sorted(set(table.column("_source_index").to_pylist())):
                     part = table.filter(pa.compute.equal(table.column("_source_index"), index))
                     pending.setdefault(index, []).append(part)

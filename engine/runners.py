@@ -20,6 +20,7 @@ import pyarrow as pa
 
 from .model_stage import ModelActor, preprocess_table, ray_resources
 from .pipeline import SourceResult, process_source
+from .live_frames import FrameBoard, Sink, mirrored_from_ray, reporting
 from .plan import Plan
 from .ray_cluster import init_ray
 from .schema import REJECT_COLUMNS
@@ -83,8 +84,9 @@ def split_result(plan: Plan, table: pa.Table) -> tuple[pa.Table, pa.Table]:
     return kept, rejects
 
 
-def _process(plan: Plan, index: int, uri: str) -> pa.Table:
-    return result_table(plan, index, process_source(plan, uri))
+def _process(plan: Plan, index: int, uri: str, frames_to: Sink | None = None) -> pa.Table:
+    with reporting(frames_to, uri):
+        return result_table(plan, index, process_source(plan, uri))
 
 
 # In-process runs work on this many sources at once: while one source's last shots go
@@ -92,7 +94,7 @@ def _process(plan: Plan, index: int, uri: str) -> pa.Table:
 LOCAL_SOURCES_IN_FLIGHT = 2
 
 
-def run_local(plan: Plan, sources: list[tuple[int, str]]) -> Iterator[pa.Table]:
+def run_local(plan: Plan, sources: list[tuple[int, str]], board: FrameBoard | None = None) -> Iterator[pa.Table]:
     # Each source in flight has operators of its own, as each Ray worker has, so that no
     # operator instance ever sees two sources at once.
     plans = [plan] + [copy.deepcopy(plan) for _ in range(LOCAL_SOURCES_IN_FLIGHT - 1)]
@@ -109,7 +111,7 @@ def run_local(plan: Plan, sources: list[tuple[int, str]]) -> Iterator[pa.Table]:
             if item is not None:
                 # Source k is submitted once source k - IN_FLIGHT is done, so its plan is free.
                 k, (index, uri) = item
-                pending.append(pool.submit(_process, plans[k % len(plans)], index, uri))
+                pending.append(pool.submit(_process, plans[k % len(plans)], index, uri, board))
 
         try:
             for _ in plans:
@@ -125,17 +127,22 @@ def run_local(plan: Plan, sources: list[tuple[int, str]]) -> Iterator[pa.Table]:
                 future.cancel()
 
 
-def _ray_batch(batch: pa.Table, plan: Plan) -> pa.Table:
+def _ray_batch(batch: pa.Table, plan: Plan, frames_to: Sink | None) -> pa.Table:
     # Operators' setup is cheap and idempotent for CPU operators; model operators run in
     # actor pools of their own.
     plan.setup()
-    tables = [_process(plan, index, uri) for index, uri in
+    tables = [_process(plan, index, uri, frames_to) for index, uri in
               zip(batch.column("index").to_pylist(), batch.column("uri").to_pylist())]
     return pa.concat_tables(tables)
 
 
-def run_ray(plan: Plan, sources: list[tuple[int, str]]) -> Iterator[pa.Table]:
+def run_ray(plan: Plan, sources: list[tuple[int, str]], board: FrameBoard | None = None) -> Iterator[pa.Table]:
     init_ray(plan.executor)  # before `import ray`: some of its settings are read on import
+    with mirrored_from_ray(board) as frames_to:
+        yield from _ray_results(plan, sources, frames_to)
+
+
+def _ray_results(plan: Plan, sources: list[tuple[int, str]], frames_to: Sink | None) -> Iterator[pa.Table]:
     import ray
     from ray import cloudpickle
 
@@ -149,7 +156,8 @@ def run_ray(plan: Plan, sources: list[tuple[int, str]]) -> Iterator[pa.Table]:
     logging.getLogger("ray.data").setLevel(logging.ERROR)  # its per-run INFO lines would interleave
     items = [{"index": i, "uri": u} for i, u in sources]
     ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items), 4096)))
-    ds = ds.map_batches(_ray_batch, fn_kwargs={"plan": plan}, batch_size=1, batch_format="pyarrow",
+    ds = ds.map_batches(_ray_batch, fn_kwargs={"plan": plan, "frames_to": frames_to}, batch_size=1,
+                        batch_format="pyarrow",
                         num_cpus=plan.cpus_per_source)
     schema = result_schema(plan)
     for k, step in enumerate(plan.model_steps):
