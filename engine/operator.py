@@ -140,7 +140,9 @@ class Segmenter(Operator):
 
     `start(sample)` returns a `SegmentTracker`; the engine pushes each decoded frame to it in
     order and closes shots as soon as the tracker reports cuts, so frames of finished shots are
-    released while the rest of the video is still being decoded.
+    released while the rest of the video is still being decoded. Where frames were lost to
+    undecodable packets, the engine finishes the tracker at the gap, cuts there, and starts a
+    new tracker for the frames after it.
     """
 
     def frame_size(self, width: int, height: int) -> tuple[int, int]:

@@ -101,6 +101,7 @@ class Progress:
     ops: dict[str, OpStats] = field(default_factory=dict)
     frames_decoded: int = 0
     decode_seconds: float = 0.0
+    skipped_packets: dict[str, int] = field(default_factory=dict)  # per source, where any were
 
     def record(self, entry: dict[str, Any]) -> None:
         self.done_sources.update(entry["sources"])
@@ -113,6 +114,7 @@ class Progress:
             self.ops.setdefault(label, OpStats()).add(OpStats.from_dict(stats))
         self.frames_decoded += entry["frames_decoded"]
         self.decode_seconds += entry["decode_seconds"]
+        self.skipped_packets.update(entry.get("skipped_packets", {}))
 
 
 @dataclass
@@ -534,4 +536,5 @@ class ShardWriter:
             "ops": {k: v.to_dict() for k, v in ops.items()},
             "frames_decoded": sum(s["frames_decoded"] for s in self.stats),
             "decode_seconds": round(sum(s["decode_seconds"] for s in self.stats), 4),
+            "skipped_packets": {s["uri"]: s["skipped_packets"] for s in self.stats if s.get("skipped_packets")},
         }

@@ -25,7 +25,7 @@ from .operator import FanOut, Filter, Frames, FrameRequest, Mapper, Sample
 from .plan import Plan, Step
 from .samples import Drop, Dropped, SourceContext, clip_of
 from .schema import BASE_COLUMNS, ColumnTypeError, fit_columns, scores_json
-from .video import DecodeError, SourceError, decode_ahead, probe
+from .video import DecodeError, DecodeStats, SourceError, decode_ahead, display_rotation, probe
 
 
 def segmenter_frame(reformatter: VideoReformatter, frame: av.VideoFrame, rotation: int,
@@ -77,6 +77,7 @@ class SourceResult:
     frames_decoded: int = 0
     decode_seconds: float = 0.0
     buffer_peak_bytes: int = 0
+    skipped_packets: int = 0  # refused by the decoder; their frames are lost
 
     def reject(self, sample: Sample | None, step: str, status: str, reason: str,
                scores: dict[str, Any] | None = None) -> None:
@@ -101,7 +102,7 @@ class SourceResult:
         return {
             "status": self.status, "ops": {k: v.to_dict() for k, v in self.ops.items()},
             "frames_decoded": self.frames_decoded, "decode_seconds": round(self.decode_seconds, 4),
-            "buffer_peak_bytes": self.buffer_peak_bytes,
+            "buffer_peak_bytes": self.buffer_peak_bytes, "skipped_packets": self.skipped_packets,
         }
 
 
@@ -368,16 +369,24 @@ def _decode_and_cut(plan: Plan, source: Sample, ctx: SourceContext, result: Sour
     started = time.perf_counter()
     error: DecodeError | None = None
     count_frames = frame_counter(ctx.info.uri, ctx.info.num_frames)  # for the progress display
+    decode_stats = DecodeStats()
     try:
-        for decoded in decode_ahead(ctx.info.uri, plan.executor.decode_threads):
+        for decoded in decode_ahead(ctx.info.uri, plan.executor.decode_threads, stats=decode_stats):
             count_frames(decoded.index + 1)
             if decoded.index == 0:
-                ctx.rotation = int(decoded.frame.rotation or 0) % 360
+                ctx.rotation = display_rotation(decoded.frame)
                 shots = _ShotRunner(plan, ctx.oriented(source), ctx, result)
                 runners.append(shots)
                 if segmenter is not None:
                     upright = display_size(decoded.frame.width, decoded.frame.height, ctx.rotation)
                     detect_size = segmenter.op.frame_size(*upright)
+            elif decoded.after_gap and tracker is not None:
+                # Frames were lost to undecodable packets: the open shot ends at the gap and the
+                # frames after it are segmented afresh, so no shot (nor a clip of one) spans it.
+                for cut in [c for c in tracker.finish(decoded.index) if c < decoded.index] + [decoded.index]:
+                    seg_stats.n_out += 1
+                    shots.close(cut)
+                tracker = segmenter.op.start(source)
             ctx.times.append(decoded.time)
             shots.pts_by_index.append(decoded.pts)
             if shots.buffer is not None:
@@ -397,6 +406,7 @@ def _decode_and_cut(plan: Plan, source: Sample, ctx: SourceContext, result: Sour
     except SourceError as exc:
         result.reject(None, "decode", "failed", str(exc))
         return
+    result.skipped_packets += decode_stats.skipped_packets
     num_frames = len(ctx.times)
     result.frames_decoded += num_frames
     elapsed = time.perf_counter() - started

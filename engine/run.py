@@ -164,7 +164,9 @@ def build_manifest(recipe: Recipe, plan, progress: Progress, total: int, resumed
         "samples": dict(progress.samples, total=sum(progress.samples.values())),
         "rejects": progress.rejects,
         "ops": ops,
-        "decode": {"frames": progress.frames_decoded, "seconds": round(progress.decode_seconds, 3)},
+        "decode": {"frames": progress.frames_decoded, "seconds": round(progress.decode_seconds, 3),
+                   "skipped_packets": sum(progress.skipped_packets.values()),
+                   "skipped_packets_by_source": dict(sorted(progress.skipped_packets.items()))},
         "shards": progress.shards,
         "columns": {f.name: str(f.type) for f in plan.schema},
     }

@@ -1,4 +1,14 @@
-"""Opening, probing and decoding source videos with PyAV (local paths or fsspec URIs).
+"""Opening, probing, seeking and decoding videos with PyAV: local paths, fsspec URIs or bytes.
+
+The data engine (`bricks-dj`) and the trainer's reference-mode clips both decode through this
+module, so they agree on which frames a source has, how they are counted and oriented.
+
+- Decoding goes on past packets the decoder refuses (a corrupt stretch of a file loses those
+  frames, not the rest of the source); they are counted, and the first frame after such a gap
+  is marked, so that no shot is cut across it.
+- Frames are numbered in presentation order from the first decodable frame, as
+  PySceneDetect counts them.
+- Seeking starts at the key frame at or before a presentation timestamp, never after it.
 
 Every container is closed on every path out (an unclosed PyAV container left to the garbage
 collector is a known cause of stalls in long-running loaders).
@@ -8,6 +18,9 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import heapq
+import io
+import itertools
 import os
 import queue
 import threading
@@ -17,6 +30,10 @@ from typing import Iterator
 
 import av
 import fsspec
+
+
+# Key frames to step back when the one a seek lands on does not decode, before decoding from the start.
+SEEK_ATTEMPTS = 4
 
 
 class SourceError(Exception):
@@ -58,11 +75,16 @@ def broken_link_reason(path: str) -> str | None:
 
 
 @contextlib.contextmanager
-def open_container(uri: str) -> Iterator[av.container.InputContainer]:
-    """Open a source for reading; errors become `SourceError` with a readable reason."""
+def open_container(uri: str | bytes) -> Iterator[av.container.InputContainer]:
+    """Open a source (a path, an fsspec URI or the file's bytes) for reading; errors become
+    `SourceError` with a readable reason."""
     with contextlib.ExitStack() as stack:
         try:
-            if is_local(uri):
+            if isinstance(uri, bytes):
+                if not uri:
+                    raise SourceError("empty media (0 bytes)")
+                target = io.BytesIO(uri)
+            elif is_local(uri):
                 path = local_path(uri)
                 if not os.path.exists(path):
                     raise SourceError(broken_link_reason(path) or f"file not found: {path}")
@@ -112,30 +134,136 @@ def probe(uri: str) -> SourceInfo:
         return SourceInfo(uri, ctx.width, ctx.height, fps, num_frames, duration, ctx.name, size)
 
 
+def set_decode_threads(stream: av.video.stream.VideoStream, threads: int) -> None:
+    """FFmpeg's frame and slice threads for this stream (0: FFmpeg decides how many)."""
+    stream.thread_type = "AUTO"
+    stream.thread_count = threads
+
+
+def display_rotation(frame: av.VideoFrame) -> int:
+    """The display matrix's counter-clockwise rotation: 0, 90, 180 or 270."""
+    return int(frame.rotation or 0) % 360
+
+
+@dataclass
+class DecodeStats:
+    """What one decode met; filled in while it runs."""
+
+    frames: int = 0  # frames the decoder produced (after a seek, also those before the target)
+    skipped_packets: int = 0  # packets the decoder refused: their frames are lost
+
+
 @dataclass
 class DecodedFrame:
-    index: int  # position in decode order from the first frame, as PySceneDetect counts
+    index: int  # position in presentation order from the first decoded frame, as PySceneDetect counts
     time: float  # presentation time in seconds
     pts: int | None
     frame: av.VideoFrame
+    after_gap: bool = False  # frames just before this one were lost to undecodable packets
 
 
-def decode(uri: str, threads: int = 0, seek_pts: int | None = None) -> Iterator[DecodedFrame]:
-    """Decode frames in order. With `seek_pts`, start at the key frame at or before it; the
-    caller maps pts back to indices (indices then restart at 0)."""
+def decode(uri: str | bytes, threads: int = 0, seek_pts: int | None = None,
+           stats: DecodeStats | None = None) -> Iterator[DecodedFrame]:
+    """Decode frames in order, past undecodable packets (counted in `stats`). With `seek_pts`,
+    start at the key frame at or before it; the caller maps pts back to indices (indices then
+    restart at 0)."""
     with open_container(uri) as container:
         stream = video_stream(container)
-        stream.thread_type = "AUTO"
-        stream.thread_count = threads
-        if seek_pts is not None:
-            container.seek(seek_pts, stream=stream, backward=True, any_frame=False)
-        index = 0
+        set_decode_threads(stream, threads)
+        yield from decode_stream(container, stream, seek_pts, stats)
+
+
+def decode_stream(container: av.container.InputContainer, stream: av.video.stream.VideoStream,
+                  seek_pts: int | None = None, stats: DecodeStats | None = None) -> Iterator[DecodedFrame]:
+    """`decode` on a container just opened. Demux errors (the container itself is broken) end
+    the frames with a `DecodeError`; packets the decoder refuses are skipped and counted."""
+    stats = stats if stats is not None else DecodeStats()
+    frames = _decode_packets(container.demux(stream), stream, stats) if seek_pts is None else \
+        _from_key_frame(container, stream, seek_pts, stats)
+    index = 0
+    try:
+        for frame, after_gap in frames:
+            yield DecodedFrame(index, float(frame.time or 0.0), frame.pts, frame, after_gap and index > 0)
+            index += 1
+    except av.FFmpegError as exc:
+        raise DecodeError(index, str(exc)) from exc
+
+
+def time_to_pts(stream: av.video.stream.VideoStream, seconds: float) -> int:
+    """The pts of a frame presented at `seconds` (a `DecodedFrame.time`) in `stream`."""
+    return int(round(seconds / stream.time_base))
+
+
+def _from_key_frame(container, stream, pts: int, stats: DecodeStats):
+    """Frames from the key frame at or before `pts`. Where that key frame does not decode (or
+    a demuxer lands after `pts`), decoding starts one key frame earlier, and so on, and at
+    worst from the start: slower, never wrong."""
+    target, sought = pts, False
+    for _ in range(SEEK_ATTEMPTS):
         try:
-            for frame in container.decode(stream):
-                yield DecodedFrame(index, float(frame.time or 0.0), frame.pts, frame)
-                index += 1
+            container.seek(target, stream=stream, backward=True, any_frame=False)
+        except av.FFmpegError:
+            break
+        sought = True
+        packets = container.demux(stream)
+        landed = next(packets, None)
+        if landed is None or landed.pts is None:
+            break
+        frames = _decode_packets(itertools.chain([landed], packets), stream, stats)
+        first = next(frames, None)
+        if first is None or first[0].pts is None or first[0].pts <= pts:
+            if first is not None:
+                yield first[0], False
+                yield from frames
+            return
+        frames.close()
+        packets.close()
+        if landed.pts <= (stream.start_time or 0):
+            break
+        target = min(target, landed.pts) - 1
+    if sought:
+        container.seek(stream.start_time or 0, stream=stream, backward=True, any_frame=False)
+    # else not seekable: a container just opened is at its first packet already
+    yield from _decode_packets(container.demux(stream), stream, stats)
+
+
+def _decode_packets(packets, stream, stats: DecodeStats):
+    """(frame, after_gap) in presentation order, past packets the decoder refuses.
+
+    `container.decode` stops at the first refused packet; here each packet is decoded on its
+    own, so a corrupt stretch costs its own frames only. Where the lost frames were is found
+    from timestamps, because a refusal surfaces late (frame threads, B-frame reordering): once a
+    frame with pts P comes out, packets sent earlier with a pts below P whose frames never came
+    out are lost, and P is the first frame after the gap. Only refusals make such a gap: packets
+    that legitimately give no frame of their own (field pairs, hidden frames) are dropped from
+    the bookkeeping without effect.
+    """
+    codec = stream.codec_context
+    pending: list[int] = []  # heap: pts of packets sent whose frames have not come out yet
+    unexplained = 0  # refused packets whose missing frames have not been located yet
+    for packet in packets:
+        if packet.pts is not None:
+            heapq.heappush(pending, packet.pts)
+        try:
+            frames = codec.decode(packet)
         except av.FFmpegError as exc:
-            raise DecodeError(index, str(exc)) from exc
+            if isinstance(exc, MemoryError):
+                raise
+            stats.skipped_packets += 1
+            unexplained += 1
+            continue
+        for frame in frames:
+            stats.frames += 1
+            lost = 0
+            if frame.pts is None:
+                lost, pending = unexplained, []
+            else:
+                while pending and pending[0] <= frame.pts:
+                    lost += heapq.heappop(pending) < frame.pts
+            gap = unexplained > 0 and lost > 0
+            if gap:
+                unexplained = max(0, unexplained - lost)
+            yield frame, gap
 
 
 class DecodeError(Exception):
@@ -149,9 +277,11 @@ class DecodeError(Exception):
 _END = object()
 
 
-def decode_ahead(uri: str, threads: int = 0, depth: int = 16) -> Iterator[DecodedFrame]:
+def decode_ahead(uri: str, threads: int = 0, depth: int = 16,
+                 stats: DecodeStats | None = None) -> Iterator[DecodedFrame]:
     """`decode` in a background thread, `depth` frames ahead, so that operators' work on one
-    frame overlaps with decoding the next (FFmpeg's frame threads only run while fed)."""
+    frame overlaps with decoding the next (FFmpeg's frame threads only run while fed). `stats`
+    is complete once the frames are."""
     frames: queue.Queue = queue.Queue(maxsize=depth)
     stop = threading.Event()
 
@@ -166,7 +296,7 @@ def decode_ahead(uri: str, threads: int = 0, depth: int = 16) -> Iterator[Decode
 
     def work() -> None:
         try:
-            for decoded in decode(uri, threads):
+            for decoded in decode(uri, threads, stats=stats):
                 if not put(decoded):
                     return
             put(_END)
