@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 import sys
 from pathlib import Path
@@ -52,6 +53,7 @@ def _list_configs(ctx: click.Context, _param, value: bool) -> None:
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
 def main(config_ref, data, output, overrides, ckpt, resume, max_steps, allow_data_change, device, verbose) -> None:
     """Fine-tune STDiT2 on Parquet shards written by bricks-dj."""
+    from .checkpoint import CheckpointError
     from .trainer import RunOptions, TrainError, train
 
     _setup_logging(verbose)
@@ -61,8 +63,15 @@ def main(config_ref, data, output, overrides, ckpt, resume, max_steps, allow_dat
                              allow_data_change=allow_data_change, device=device)
         summary = train(config, options)
     except (TrainConfigError, BucketConfigError, ShardError, LoaderStateError, MissingModelError, TrainError,
-            FileNotFoundError) as exc:
+            CheckpointError, FileNotFoundError) as exc:
         click.echo(f"bricks-train: error: {exc}", err=True)
+        sys.exit(2)
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        # the metrics, the log or a sample: the checkpoints are written (and cleaned up) on their own
+        click.echo(f"bricks-train: error: no space left on device writing {exc.filename or output}: free space "
+                   "and rerun with --resume", err=True)
         sys.exit(2)
     if summary["stopped"]:
         log.warning("stopped by SIGTERM at step %d, checkpoint saved: rerun with --resume to continue", summary["step"])
