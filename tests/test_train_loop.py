@@ -194,7 +194,8 @@ def test_ddp_fsdp_and_two_torchrun_nodes_agree(brick_shards, tmp_path):
 
 
 def test_bad_samples_are_skipped_and_counted(brick_shards, tmp_path):
-    """Every clip's media is corrupt: clip batches come out empty, and the run goes on."""
+    """Every clip's media is corrupt: clip batches come out empty, and with the skip bound lifted
+    the run goes on (by default it stops: tests/test_train_seams.py)."""
     bad = tmp_path / "bad"
     bad.mkdir()
     table = pq.read_table(brick_shards / "shards")
@@ -205,7 +206,8 @@ def test_bad_samples_are_skipped_and_counted(brick_shards, tmp_path):
     table = table.set_column(table.schema.get_field_index("media"), "media", pa.array(media, pa.binary()))
     pq.write_table(table, bad / "part-00000.parquet")
     run = tmp_path / "run"
-    result = CliRunner().invoke(train_cli, [*TINY, "--data", str(bad), "--output", str(run), "--max-steps", "10"])
+    result = CliRunner().invoke(train_cli, [*TINY, "--data", str(bad), "--output", str(run), "--max-steps", "10",
+                                            "--set", "data.max_skipped_fraction=1"])
     assert result.exit_code == 0, result.output
     metrics = read_metrics(run / "metrics.jsonl")
     assert len(metrics) == 10

@@ -98,6 +98,18 @@ class Buckets:
                 return BucketKey(resolution, chosen, closest_ratio(height / width, resolution))
         return None
 
+    def requirements(self) -> str:
+        """The least a sample needs to fit a bucket, in words (for messages about those that fit none)."""
+        smallest = self.order[-1]
+        needs = [f"{round(self.pixels[smallest] * PIXEL_TOLERANCE)} pixels or more (0.8x {smallest})"]
+        clip_lengths = [t * self.frame_interval for lengths in self.config.values() for t in lengths if t != 1]
+        if clip_lengths:
+            needs.append(f"a clip more than {min(clip_lengths)} frames")
+        words = "a sample needs " + ", and ".join(needs)
+        if not any(1 in lengths for lengths in self.config.values()):
+            words += "; no bucket takes still images"
+        return words
+
     def frame_size(self, key: BucketKey) -> tuple[int, int, int]:
         """(frames, height, width) that samples of `key` are cut to."""
         height, width = self.sizes[key.resolution][key.ratio]

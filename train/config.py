@@ -69,6 +69,9 @@ class DataSection(_Strict):
     num_workers: int = Field(default=2, ge=0)
     """Loader processes per rank; each reads its own row groups."""
     prefetch_factor: int = Field(default=2, ge=1)
+    max_skipped_fraction: float = Field(default=0.2, ge=0, le=1)
+    """Stop the run when more than this share of the samples tried could not be decoded (judged
+    from 64 samples on and at the end of every epoch); 1 never stops."""
 
     @field_validator("bucket_config")
     @classmethod

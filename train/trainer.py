@@ -19,6 +19,7 @@ import signal
 import sys
 import threading
 import time
+from collections import Counter
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,9 +43,15 @@ from .lr_schedule import LRSchedule
 from .masks import draw_masks
 from .metrics import MetricsLog
 from .parallel import TorchStrategy, World, all_sum, barrier, close_world, init_world, unwrap
-from .shards import ShardIndex
+from .plan import EpochPlan, assign_buckets
+from .shards import ShardIndex, check_reference_sources
 
 log = logging.getLogger("bricks")
+
+
+# The share of undecodable samples (`data.max_skipped_fraction`) is judged from this many tried
+# samples on, and at the end of every epoch: a few bad ones at the start do not stop a run.
+SKIP_CHECK_MIN_SAMPLES = 64
 
 
 class TrainError(RuntimeError):
@@ -76,11 +83,9 @@ def build_models(section: ModelSection, ckpt: str | None, device: torch.device, 
     on `device`. Real weights are only ever read from disk; the tiny trio only when asked for."""
     torch.manual_seed(seed)  # the same random init on every rank (tiny encoders, from-scratch STDiT2)
     if section.tiny:
-        from bricks.model.sampling import TINY_STDIT2
+        from bricks.model.sampling import TINY_STDIT2, tiny_encoders
 
-        text_encoder = T5TextEncoder.tiny(model_max_length=TINY_STDIT2["model_max_length"],
-                                          d_model=TINY_STDIT2["caption_channels"], seed=seed)
-        vae = VideoVAE.tiny(micro_batch_size=section.vae_micro_batch)
+        text_encoder, vae = tiny_encoders(seed, section.vae_micro_batch)
         base = {**TINY_STDIT2, **section.config}
     else:
         text_encoder = T5TextEncoder.from_pretrained(section.text_encoder, section.model_max_length, device=device,
@@ -121,6 +126,9 @@ class Trainer:
         self.epoch = 0
         self.consumed = 0  # batches taken in `epoch`
         self.skipped_total = 0
+        self.trained_total = 0  # samples trained on, all ranks: with skipped_total, what the skip bound judges
+        self._skipped_uncounted = 0  # skips that a checkpoint without "trained" carried over, left out of it
+        self._last_skip: tuple[str, str] | None = None  # (sample id, reason), for the message when stopping
         self._log_file: logging.Handler | None = None
         self._restore_level = logging.NOTSET
         self.metrics: MetricsLog | None = None
@@ -133,13 +141,15 @@ class Trainer:
     def setup(self) -> None:
         config, options, world = self.config, self.options, self.world
         self._prepare_run_dir()
-        resume_from = checkpoint.latest(self.run_dir) if options.resume else None
+        resume_from = checkpoint.latest_sound(self.run_dir) if options.resume else None
         if options.resume and resume_from is None:
             log.info("--resume: %s has no checkpoint yet, starting from the beginning", self.run_dir)
 
         index = ShardIndex.build(options.data)
+        check_reference_sources(index)
         buckets = Buckets(config.data.bucket_config, config.data.frame_interval)
         streams = max(config.data.num_workers, 1)
+        self.index, self.buckets = index, buckets
         self.dataset = ShardDataset(index, buckets, seed=config.train.seed, world_size=world.world_size,
                                     rank=world.rank, streams=streams)
         log.info("data: %d samples in %d shards", len(index), len(index.files))
@@ -178,6 +188,9 @@ class Trainer:
             self.dataset.restore(state["loader"], allow_data_change=options.allow_data_change)
             self.step = self.saved_step = state["step"]
             self.skipped_total = state.get("skipped", 0)
+            self.trained_total = state.get("trained", 0)
+            if "trained" not in state:  # an older checkpoint: judge the skips of this run only
+                self._skipped_uncounted = self.skipped_total
             log.info("resumed from %s: step %d, epoch %d, batch %d", resume_from.path.name, self.step,
                      self.dataset.epoch, self.dataset.consumed)
         self.epoch, self.consumed = self.dataset.epoch, self.dataset.consumed
@@ -219,8 +232,8 @@ class Trainer:
             while self.epoch < config.train.epochs and not self._done():
                 plan = self.dataset.set_epoch(self.epoch, self.consumed)
                 if plan.steps == 0:
-                    raise TrainError("the data fill no bucket batch on some rank: more samples, smaller "
-                                     "batches or fewer ranks are needed")
+                    raise TrainError(no_batches_message(self.index, self.buckets, plan, self.config.train.seed,
+                                                        self.world.world_size))
                 if self.consumed == 0:
                     log.info("epoch %d: %d steps per rank (%d batches beyond them dropped to keep ranks in step, "
                              "%d samples fit no bucket)", self.epoch, plan.steps, plan.dropped_batches, plan.unassigned)
@@ -239,6 +252,7 @@ class Trainer:
                     if self.step % config.train.log_every == 0:
                         self._log(window)
                         window = []
+                    self._check_skipped(epoch_done=self.consumed >= plan.steps)
                     if config.sampling.every and self.step % config.sampling.every == 0:
                         self.render_samples()
                     if self.step % config.train.ckpt_every == 0:
@@ -268,6 +282,19 @@ class Trainer:
     def _done(self) -> bool:
         return self.stopping or (self.max_steps is not None and self.step >= self.max_steps)
 
+    def _check_skipped(self, epoch_done: bool) -> None:
+        """Stop when too many samples could not be decoded: a run that quietly trains on what is
+        left (say, images only, when every clip's source file is gone) is worse than none."""
+        skipped = self.skipped_total - self._skipped_uncounted
+        tried = self.trained_total + skipped
+        bound = self.config.data.max_skipped_fraction
+        if not tried or skipped <= bound * tried or (tried < SKIP_CHECK_MIN_SAMPLES and not epoch_done):
+            return
+        example = (f"; e.g. sample {self._last_skip[0]}: {self._last_skip[1]}" if self._last_skip else "")
+        raise TrainError(f"{skipped} of the {tried} samples tried by step {self.step} could not be decoded, more "
+                         f"than data.max_skipped_fraction={bound:g} of them{example} (train.log lists them): fix "
+                         "the shards or their source files, or raise data.max_skipped_fraction")
+
     def _on_sigterm(self, signum, frame) -> None:
         log.warning("SIGTERM: stopping after this step with a checkpoint (continue with --resume)")
         self._signalled = True
@@ -289,6 +316,7 @@ class Trainer:
         samples = len(batch["sample_id"])
         for sample_id, reason in batch["skipped"]:
             log.warning("skipped sample %s: %s", sample_id, reason)
+            self._last_skip = (sample_id, reason)
         if samples:
             x, model_kwargs, frame_mask = self._model_inputs(batch)
         else:
@@ -312,6 +340,7 @@ class Trainer:
         loss_sum, mse_sum, vb_sum, total, skipped, stopping = all_sum(
             world, [*sums, samples, len(batch["skipped"]), float(self._signalled)])
         self.skipped_total += int(skipped)
+        self.trained_total += int(total)
         self.stopping = stopping > 0  # every rank learns it at the same step
 
         lr = self.schedule.at(self.step)
@@ -409,7 +438,7 @@ class Trainer:
         optimizer_state = self.strategy.optimizer_state(self.model, self.optimizer)
         if self.world.main:
             state = {"epoch": self.epoch, "loader": self._position().to_dict(), "lr_schedule": self.schedule.to_dict(),
-                     "skipped": self.skipped_total, "world_size": self.world.world_size,
+                     "skipped": self.skipped_total, "trained": self.trained_total, "world_size": self.world.world_size,
                      "strategy": self.config.parallel.strategy, "config": self.config.to_dict()}
             path = checkpoint.save(self.run_dir, self.step, config=unwrap(self.model).config, model=model_state,
                                    ema=ema_state, optimizer=optimizer_state, state=state,
@@ -443,6 +472,28 @@ class Trainer:
             paths = sampler.save(videos, s.prompts, self.run_dir / "samples" / f"step-{self.step:08d}", spec)
             log.info("step %d: %d samples in %s", self.step, len(paths), paths[0].parent)
         barrier(self.world)
+
+
+def no_batches_message(index: ShardIndex, buckets: Buckets, plan: EpochPlan, seed: int, world_size: int) -> str:
+    """Why an epoch has no batch: every row accounted for, by what keeps it out."""
+    keys = assign_buckets(index, buckets, seed, plan.epoch)
+    unfit = Counter((int(index.height[i]), int(index.width[i]), 1 if index.is_image[i] else int(index.num_frames[i]))
+                    for i, key in enumerate(keys) if key is None and index.usable[i])
+    fitted = sum(1 for key in keys if key is not None)
+    parts = []
+    if index.without_text:
+        parts.append(f"{index.without_text} have no caption (`text`: add vlm_caption to the recipe)")
+    if index.without_media:
+        parts.append(f"{index.without_media} have neither media nor a path")
+    if unfit:
+        sizes = ", ".join(f"{n} x {h}x{w} {'image' if t == 1 else f'{t} frames'}" for (h, w, t), n in
+                          unfit.most_common(4)) + (", ..." if len(unfit) > 4 else "")
+        parts.append(f"{sum(unfit.values())} fit no bucket of data.bucket_config ({sizes}; {buckets.requirements()})")
+    parts.append(f"{fitted} fit a bucket")
+    message = f"the data fill no bucket batch: of {len(index)} rows, " + "; ".join(parts)
+    if fitted:
+        message += f", too few for a batch on each of the {world_size} ranks (use fewer ranks or smaller batches)"
+    return message
 
 
 def pad_states(states: list[torch.Tensor], length: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
