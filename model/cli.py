@@ -8,6 +8,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import click
+from click.core import ParameterSource
 
 from bricks.engine.models import MissingModelError
 
@@ -56,7 +57,10 @@ def frame_size(resolution: str, aspect_ratio: str, size: str | None) -> tuple[in
 @click.option("--text-encoder", default="DeepFloyd/t5-v1_1-xxl", show_default=True,
               help="T5 folder or repo id.")
 @click.option("--model-max-length", default=200, show_default=True, help="Caption tokens (T5 padding length).")
-@click.option("--tiny", is_flag=True, help="Tiny random-init models (demo and tests): the videos are noise.")
+@click.option("--tiny", is_flag=True,
+              help="Tiny random-init models (demo and tests): the videos are noise. With --ckpt (a tiny "
+                   "bricks-train run's RUN/checkpoints/step-N/ema), that STDiT2 with the tiny encoders it was "
+                   "trained with.")
 @click.option("--resolution", default="240p", show_default=True, help="144p, 240p, 360p, 480p, 720p, ...")
 @click.option("--aspect-ratio", default="16:9", show_default=True,
               help="width:height (16:9, 9:16, 1:1), snapped to the resolution's table.")
@@ -79,6 +83,7 @@ def main(prompts, prompts_file, output, ckpt, model_config, vae, text_encoder, m
     import json
 
     import torch
+    from safetensors import SafetensorError
 
     from .sampling import SampleSpec, VideoSampler
 
@@ -95,15 +100,19 @@ def main(prompts, prompts_file, output, ckpt, model_config, vae, text_encoder, m
     elif device == "cuda" and not torch.cuda.is_available():
         raise click.UsageError("--device cuda: no CUDA device is visible")
     torch_dtype = None if dtype == "auto" else getattr(torch, DTYPES[dtype])
+    ckpt_given = click.get_current_context().get_parameter_source("ckpt") != ParameterSource.DEFAULT
     try:
         if tiny:
-            sampler = VideoSampler.tiny(device=device)
+            sampler = VideoSampler.tiny(device=device, ckpt=ckpt if ckpt_given else None)
         else:
             config = STDiT2Config.from_dict(json.loads(model_config.read_text())) if model_config else None
             sampler = VideoSampler.from_pretrained(ckpt, vae, text_encoder, model_max_length, device=device,
                                                    dtype=torch_dtype, config=config)
     except (MissingModelError, FileNotFoundError, KeyError, ValueError) as exc:
         click.echo(f"bricks-sample: {exc}", err=True)
+        sys.exit(2)
+    except SafetensorError as exc:  # its message does not name the file
+        click.echo(f"bricks-sample: {ckpt}: the weights cannot be read ({exc})", err=True)
         sys.exit(2)
     if tiny and torch_dtype is not None:
         sampler.model.to(torch_dtype)

@@ -7,6 +7,7 @@ and the trainer uses the same object to render fixed-seed samples of the model i
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -82,16 +83,23 @@ class VideoSampler:
         return cls(model.to(device, dtype).eval(), autoencoder, t5)
 
     @classmethod
-    def tiny(cls, device: str | torch.device = "cpu", seed: int = 0) -> "VideoSampler":
-        """Random-init STDiT2, VAE and T5 small enough for CPU tests and the demo (they say so)."""
+    def tiny(cls, device: str | torch.device = "cpu", seed: int = 0, ckpt: str | Path | None = None) -> "VideoSampler":
+        """Random-init STDiT2, VAE and T5 small enough for CPU tests and the demo (they say so).
+
+        With `ckpt`, the model/ or ema/ folder of a `bricks-train` checkpoint of a tiny run
+        (`model.tiny: true`), the STDiT2 has those weights and the encoders are the ones it was
+        trained with: the tiny VAE and T5 are random too, rebuilt from the run's seed."""
         from bricks.engine.models import warn_tiny
 
-        warn_tiny("STDiT2")
-        torch.manual_seed(seed)
-        model = STDiT2(STDiT2Config(**TINY_STDIT2)).eval()
-        t5 = T5TextEncoder.tiny(model_max_length=TINY_STDIT2["model_max_length"],
-                                d_model=TINY_STDIT2["caption_channels"], seed=seed)
-        return cls(model.to(device), VideoVAE.tiny().to(device), t5.to(device))
+        if ckpt is not None:
+            seed = tiny_run_seed(Path(ckpt))
+            model = STDiT2.from_pretrained(ckpt).eval()
+        else:
+            warn_tiny("STDiT2")
+            torch.manual_seed(seed)
+            model = STDiT2(STDiT2Config(**TINY_STDIT2)).eval()
+        t5, vae = tiny_encoders(seed)
+        return cls(model.to(device), vae.to(device), t5.to(device))
 
     @torch.no_grad()
     def generate(self, prompts: list[str], spec: SampleSpec,
@@ -156,6 +164,31 @@ class VideoSampler:
                 write_mp4(path, frames, spec.playback_fps)
             paths.append(path)
         return paths
+
+
+def tiny_encoders(seed: int = 0, vae_micro_batch: int | None = 4) -> tuple[T5TextEncoder, VideoVAE]:
+    """The tiny random-init T5 and VAE of `seed`: the trainer's (`model.tiny`) and the sampler's
+    are built here alike, so a tiny run's checkpoint samples with the encoders it was trained with."""
+    t5 = T5TextEncoder.tiny(model_max_length=TINY_STDIT2["model_max_length"], d_model=TINY_STDIT2["caption_channels"],
+                            seed=seed)  # seeds the global generator, so the VAE's draws follow from `seed` too
+    return t5, VideoVAE.tiny(micro_batch_size=vae_micro_batch)
+
+
+def tiny_run_seed(folder: Path) -> int:
+    """The seed of a tiny `bricks-train` run, from the state.json beside its model/ or ema/ folder."""
+    state_file = folder.parent / "state.json"
+    if not folder.is_dir() or not state_file.is_file():
+        raise ValueError(f"{folder}: --tiny --ckpt takes the model/ or ema/ folder of a bricks-train checkpoint "
+                         "(RUN/checkpoints/step-N/ema), whose state.json gives the seed of the tiny encoders")
+    try:
+        config = json.loads(state_file.read_text())["config"]
+        tiny, seed = config["model"]["tiny"], config["train"]["seed"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"{state_file}: not a bricks-train checkpoint's state ({exc})") from None
+    if not tiny:
+        raise ValueError(f"{folder} was trained with the real VAE and T5 (model.tiny is false): sample it without "
+                         "--tiny, with its --vae and --text-encoder")
+    return int(seed)
 
 
 def slug(text: str, words: int = 6) -> str:
