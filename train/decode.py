@@ -6,9 +6,15 @@ They stay 8-bit until they reach the training device, where `normalize` maps the
 Clips: `num_frames` frames `frame_interval` apart, from a random start (seeded per sample and
 epoch), as Open-Sora's temporal crop takes them; scaled in libswscale so the frame covers the
 bucket's size, then centre-cropped. Images: the same resize and crop, T = 1. Media come from
-the shard's `media` bytes or, in reference mode, from `path` between `start_frame` and
-`end_frame`. Every PyAV container is opened in a `with` block and closed at once: leaving
-them to the garbage collector is what froze Lambda's Text2Bricks loader.
+the shard's `media` bytes or, in reference mode, from `path` (a path or fsspec URI) between
+`start_frame` and `end_frame`.
+
+Videos are opened, decoded and oriented by the data engine's own code (`bricks.engine.video`),
+so a reference-mode clip has exactly the frames `bricks-dj` numbered: upright when the source
+carries a display rotation, past the same undecodable packets, and found by seeking to the key
+frame before the clip's `start_time` rather than decoding the source from its first frame.
+Every container is closed at once: leaving them to the garbage collector is what froze
+Lambda's Text2Bricks loader.
 """
 
 from __future__ import annotations
@@ -18,6 +24,13 @@ import io
 import av
 import numpy as np
 import torch
+
+from bricks.engine.frames import display_size, reformat, rotate, scaler
+from bricks.engine.video import (DecodeError, DecodeStats, SourceError, decode_stream, display_rotation,
+                                 open_container, set_decode_threads, time_to_pts, video_stream)
+
+# Shards store times rounded to the microsecond; frames are far more than this apart.
+TIME_TOLERANCE = 1e-4
 
 
 class BadSample(Exception):
@@ -55,49 +68,74 @@ def normalize(video: torch.Tensor) -> torch.Tensor:
 
 
 def read_clip(source: bytes | str, num_frames: int, frame_interval: int, size: tuple[int, int],
-              rng: np.random.Generator, start_frame: int = 0, end_frame: int | None = None) -> torch.Tensor:
-    """Frames of a clip: MP4 bytes, or a source file between `start_frame` and `end_frame`."""
+              rng: np.random.Generator, start_frame: int = 0, end_frame: int | None = None,
+              start_time: float | None = None, stats: DecodeStats | None = None) -> torch.Tensor:
+    """Frames of a clip: MP4 bytes, or a source file between `start_frame` and `end_frame`.
+
+    `start_time` is the shard's presentation time of `start_frame`: decoding then starts at the
+    key frame before it, and the frame shown at that time is `start_frame`. Without it, frames
+    are counted from the first one of the file. `stats` counts what was decoded."""
     target_h, target_w = size
     try:
-        with av.open(io.BytesIO(source) if isinstance(source, bytes) else source) as container:
-            if not container.streams.video:
-                raise BadSample("no video stream")
-            stream = container.streams.video[0]
-            stream.thread_type = "AUTO"
-            declared = stream.frames or 0
-            length = (end_frame - start_frame) if end_frame is not None else declared
+        with open_container(source) as container:
+            stream = video_stream(container)
+            set_decode_threads(stream, 0)
+            length = (end_frame - start_frame) if end_frame is not None else (stream.frames or 0)
             if length <= 0:
                 # Frame count unknown: decode once to count, then pick from what was decoded.
-                frames = list(container.decode(stream))
-                length = len(frames)
+                frames = [d.frame for d in decode_stream(container, stream, stats=stats)]
+                picked = [frames[i] for i in temporal_indices(len(frames), num_frames, frame_interval, rng)]
             else:
-                frames = None
-            wanted = temporal_indices(length, num_frames, frame_interval, rng)
-            picked = _pick_frames(container, stream, frames, wanted, start_frame)
+                wanted = temporal_indices(length, num_frames, frame_interval, rng)
+                picked = _pick_frames(container, stream, wanted, start_frame, start_time, stats)
             if len(picked) < num_frames:
                 raise BadSample(f"too few frames: {len(picked)} decoded, {num_frames} needed")
-            height, width = picked[0].height, picked[0].width
-            scaled_h, scaled_w = _cover_size(height, width, target_h, target_w)
-            arrays = [_center_crop(f.to_ndarray(format="rgb24", width=scaled_w, height=scaled_h,
-                                                interpolation="BILINEAR"), target_h, target_w) for f in picked]
-    except (av.FFmpegError, OSError, ValueError) as exc:
+            arrays = _upright_rgb(picked, target_h, target_w)
+    except (SourceError, DecodeError, av.FFmpegError, OSError, ValueError) as exc:
         raise BadSample(f"undecodable video: {str(exc).splitlines()[0][:200]}") from None
     return _to_tensor(arrays)
 
 
-def _pick_frames(container, stream, frames, wanted: np.ndarray, start_frame: int) -> list:
+def _pick_frames(container, stream, wanted: np.ndarray, start_frame: int, start_time: float | None,
+                 stats: DecodeStats | None) -> list:
     """The frames at `wanted` positions (relative to start_frame), decoding no further than the last."""
-    if frames is not None:
-        return [frames[i] for i in wanted if i < len(frames)]
-    targets = {start_frame + int(i) for i in wanted}  # distinct: temporal_indices never repeats one
+    targets = {int(i) for i in wanted}  # distinct: temporal_indices never repeats one
     last = max(targets)
+    seek_pts = None if start_time is None else time_to_pts(stream, start_time)
     picked: dict[int, object] = {}
-    for position, frame in enumerate(container.decode(stream)):
+    position: int | None = None
+    for decoded in decode_stream(container, stream, seek_pts, stats):
+        if seek_pts is None:
+            position = decoded.index - start_frame
+        elif position is not None:
+            position += 1
+        elif decoded.time < start_time - TIME_TOLERANCE:
+            continue  # between the key frame and the clip
+        elif decoded.time > start_time + TIME_TOLERANCE:
+            raise BadSample(f"no frame at {start_time:.6f} s (frame {start_frame}) in the source: "
+                            "is it the file the shard was made from?")
+        else:
+            position = 0
         if position in targets:
-            picked[position] = frame
+            picked[position] = decoded.frame
         if position >= last:
             break
-    return [picked[start_frame + int(i)] for i in wanted if start_frame + int(i) in picked]
+    return [picked[int(i)] for i in wanted if int(i) in picked]
+
+
+def _upright_rgb(frames: list, target_h: int, target_w: int) -> list[np.ndarray]:
+    """RGB arrays that cover (target_h, target_w) as displayed, centre-cropped to it. Scaling
+    happens in libswscale on the coded frame; the display rotation is applied after."""
+    rotation = display_rotation(frames[0])
+    width, height = display_size(frames[0].width, frames[0].height, rotation)
+    scaled_h, scaled_w = _cover_size(height, width, target_h, target_w)
+    coded_w, coded_h = display_size(scaled_w, scaled_h, rotation)
+    reformatter = scaler()
+    arrays = []
+    for frame in frames:
+        rgb = reformat(reformatter, frame, coded_w, coded_h, "rgb24", "BILINEAR").to_ndarray()
+        arrays.append(_center_crop(rotate(rgb, rotation), target_h, target_w).copy())  # own the pixels
+    return arrays
 
 
 def read_image(source: bytes | str, size: tuple[int, int]) -> torch.Tensor:

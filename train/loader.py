@@ -176,7 +176,8 @@ class ShardDataset(IterableDataset):
         rng = np.random.default_rng(stable_seed("crop", self.seed, self.epoch, sample_id))
         start = 0 if row.get("media") is not None else int(row.get("start_frame") or 0)
         end = None if row.get("media") is not None else row.get("end_frame")
-        return read_clip(source, num_frames, self.buckets.frame_interval, (height, width), rng, start, end)
+        start_time = None if row.get("media") is not None else row.get("start_time")
+        return read_clip(source, num_frames, self.buckets.frame_interval, (height, width), rng, start, end, start_time)
 
 
 def _latent(data: bytes, num_frames: int, height: int, width: int) -> torch.Tensor:
