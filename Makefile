@@ -36,7 +36,7 @@ $(CAI_STAMP): pyproject.toml
 test-colossalai: $(CAI_STAMP)
 	$(CAI_VENV)/bin/python -m pytest -q tests/test_train_colossalai.py
 
-# Decode-once benchmark: ratios against PyAV decode-only on a generated 720p corpus.
+# Decode-once benchmark: ratios against PyAV decode-only on real footage (the test extra's videos).
 bench: $(STAMP)
 	$(BIN)/python benchmarks/decode_once.py
 

