@@ -149,14 +149,17 @@ def mirrored_from_ray(board: FrameBoard | None) -> Iterator[Sink | None]:
     finally:
         stop.set()
         thread.join()
-        _copy(actor, board)
+        # Every source is done by now, though a worker's last `finish` may still be on its way
+        # to the actor (messages from different processes are not ordered): none is in flight.
+        _copy(actor, board, run_over=True)
         ray.kill(actor)
 
 
-def _copy(actor, board: FrameBoard) -> None:
+def _copy(actor, board: FrameBoard, run_over: bool = False) -> None:
     import ray
 
     try:
-        board.load(ray.get(actor.state.remote(), timeout=30))
+        in_flight, reported = ray.get(actor.state.remote(), timeout=30)
+        board.load(([] if run_over else in_flight, reported))
     except (ray.exceptions.RayError, TimeoutError) as exc:  # the display shows less; the run goes on
         log.debug("frame counts from Ray workers unavailable: %s", exc)

@@ -17,6 +17,7 @@ import yaml
 
 from bricks.engine.extras import missing_extra
 from conftest import read_shards
+from test_openai_backend import FakeServer
 
 ROOT = Path(__file__).parents[1]
 # Source folder -> where its files go in the wheel (pyproject.toml's package-dir).
@@ -127,8 +128,17 @@ def test_engine_only_install_validates_and_runs_model_free_recipes(engine_env, t
     line = _one_line_error(_cli(engine_env, "bricks-dj", "run", "--local", aesthetic), "bricks-dj")
     assert MODELS_EXTRA in line and not (tmp_path / "aesthetic").exists()
 
-    openai = recipe("openai", {"vlm_caption": {"backend": "openai", "device": "cpu"}})
-    assert _cli(engine_env, "bricks-dj", "validate", openai).returncode == 0  # an endpoint needs no torch
+    # An endpoint needs no torch: validate's preflight reaches the (local) endpoint and passes.
+    endpoint = FakeServer()
+    endpoint.thread.start()
+    try:
+        openai = recipe("openai", {"vlm_caption": {"backend": "openai", "api_base": endpoint.url, "device": "cpu"}})
+        proc = _cli(engine_env, "bricks-dj", "validate", openai)
+        assert proc.returncode == 0, proc.stderr
+        assert any(hit["path"] == "/v1/models" for hit in endpoint.hits)
+    finally:
+        endpoint.httpd.shutdown()
+        endpoint.httpd.server_close()
 
     plain = recipe("plain")
     proc = _cli(engine_env, "bricks-dj", "run", "--local", "--strict", plain)
