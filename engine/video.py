@@ -78,6 +78,7 @@ def broken_link_reason(path: str) -> str | None:
 def open_container(uri: str | bytes) -> Iterator[av.container.InputContainer]:
     """Open a source (a path, an fsspec URI or the file's bytes) for reading; errors become
     `SourceError` with a readable reason."""
+    _without_python_log_callback()
     with contextlib.ExitStack() as stack:
         try:
             if isinstance(uri, bytes):
@@ -102,6 +103,18 @@ def open_container(uri: str | bytes) -> Iterator[av.container.InputContainer]:
             raise SourceError(f"cannot open as a media file: {exc}") from exc
         stack.callback(container.close)
         yield container
+
+
+def _without_python_log_callback() -> None:
+    """Keep FFmpeg's log messages away from Python, as PyAV does by default.
+
+    Any `av.logging.set_level(...)` (torchvision's video module calls it on import) routes
+    FFmpeg's messages through a Python callback that takes the GIL on FFmpeg's decoder threads.
+    Closing a frame-threaded decoder from Python, which holds the GIL while FFmpeg waits for those
+    threads, then deadlocks as soon as one of them logs (a seek into the middle of a stream is
+    enough). Decoding errors still raise with their codes; only the logged lines are dropped."""
+    if av.logging.get_level() is not None:
+        av.logging.set_level(None)
 
 
 def video_stream(container: av.container.InputContainer) -> av.video.stream.VideoStream:

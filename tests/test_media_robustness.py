@@ -15,7 +15,7 @@ from bricks.engine.operator import FrameRequest
 from bricks.engine.recipe import from_dict
 from bricks.engine.run import run
 from bricks.engine.synthetic import ShotSpec, write_video
-from bricks.engine.video import DecodeStats, decode
+from bricks.engine.video import DecodeStats, decode, open_container
 
 from conftest import read_manifest, read_rejects, read_shards
 
@@ -152,3 +152,16 @@ def test_shots_overflowing_the_buffer_are_served_across_the_gap(tmp_path, damage
     for image in images:
         rgb = cv2.imdecode(np.frombuffer(image["media"], np.uint8), cv2.IMREAD_COLOR)[:, :, ::-1]
         assert np.abs(rgb.astype(int) - main[image["start_frame"]]).mean() < 3  # JPEG's loss only
+
+
+def test_opening_a_source_takes_ffmpeg_logs_off_the_python_callback(corpus):
+    # torchvision's video module calls av.logging.set_level on import; the Python log callback it
+    # installs deadlocks when a frame-threaded decoder is closed while one of its threads logs.
+    path = corpus[1][0].path
+    av.logging.set_level(av.logging.ERROR)
+    try:
+        with open_container(path):
+            pass
+        assert av.logging.get_level() is None
+    finally:
+        av.logging.set_level(None)
