@@ -56,7 +56,7 @@ class SourceContext:
 
     info: SourceInfo
     recipe_key: str
-    times: list[float] = field(default_factory=list)  # per decoded frame, from the first frame
+    times: list[float] = field(default_factory=list)  # presentation time of each decoded frame, in seconds
     rotation: int = 0
 
     def source_sample(self) -> Sample:
