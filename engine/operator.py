@@ -32,6 +32,20 @@ class OperatorParams(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+def check_ordered(params: OperatorParams, *pairs: tuple[str, str]) -> OperatorParams:
+    """For a params validator: each lower bound at most its upper bound (an upper bound of None
+    is open), so that a range that can keep nothing is refused when the recipe is read."""
+    for low, high in pairs:
+        lo, hi = getattr(params, low), getattr(params, high)
+        if hi is not None and lo > hi:
+            raise ValueError(f"{low} ({_number(lo)}) > {high} ({_number(hi)})")
+    return params
+
+
+def _number(value: float) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
 @dataclass(frozen=True)
 class Resources:
     """What one instance of the operator needs; fractional GPUs are allowed."""

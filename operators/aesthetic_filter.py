@@ -17,7 +17,7 @@ import pyarrow as pa
 from pydantic import Field, model_validator
 
 from bricks.engine.models import ModelFile, resolve
-from bricks.engine.operator import FrameRequest, ModelOperator, ModelParams
+from bricks.engine.operator import FrameRequest, ModelOperator, ModelParams, check_ordered
 from bricks.engine.registry import register
 
 CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], np.float32)
@@ -43,9 +43,7 @@ class AestheticParams(ModelParams):
 
     @model_validator(mode="after")
     def _ordered(self):
-        if self.max_score is not None and self.min_score > self.max_score:
-            raise ValueError(f"min_score ({self.min_score:g}) > max_score ({self.max_score:g})")
-        return self
+        return check_ordered(self, ("min_score", "max_score"))
 
 
 @register

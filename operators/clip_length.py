@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pydantic import Field, model_validator
 
-from bricks.engine.operator import FanOut, OperatorParams
+from bricks.engine.operator import FanOut, OperatorParams, check_ordered
 from bricks.engine.registry import register
 from bricks.engine.samples import Dropped, clip_of
 
@@ -17,9 +17,7 @@ class ClipLengthParams(OperatorParams):
 
     @model_validator(mode="after")
     def _ordered(self):
-        if self.min_frames > self.max_frames:
-            raise ValueError(f"min_frames ({self.min_frames}) > max_frames ({self.max_frames})")
-        return self
+        return check_ordered(self, ("min_frames", "max_frames"))
 
 
 @register

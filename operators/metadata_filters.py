@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pydantic import Field, model_validator
 
-from bricks.engine.operator import Filter, OperatorParams
+from bricks.engine.operator import Filter, OperatorParams, check_ordered
 from bricks.engine.registry import register
 
 
@@ -16,14 +16,6 @@ def _within(value: float, low: float | None, high: float | None, what: str) -> b
     return True
 
 
-def _ordered(params: OperatorParams, *pairs: tuple[str, str]) -> OperatorParams:
-    """A bounds check for a params validator: each lower bound at most its upper bound."""
-    for low, high in pairs:
-        if getattr(params, high) is not None and getattr(params, low) > getattr(params, high):
-            raise ValueError(f"{low} ({getattr(params, low):g}) > {high} ({getattr(params, high):g})")
-    return params
-
-
 class ResolutionParams(OperatorParams):
     min_width: int = Field(default=1, ge=1)
     max_width: int | None = Field(default=None, ge=1)
@@ -32,7 +24,7 @@ class ResolutionParams(OperatorParams):
 
     @model_validator(mode="after")
     def _bounds(self):
-        return _ordered(self, ("min_width", "max_width"), ("min_height", "max_height"))
+        return check_ordered(self, ("min_width", "max_width"), ("min_height", "max_height"))
 
 
 @register
@@ -57,7 +49,7 @@ class DurationParams(OperatorParams):
 
     @model_validator(mode="after")
     def _bounds(self):
-        return _ordered(self, ("min_duration", "max_duration"))
+        return check_ordered(self, ("min_duration", "max_duration"))
 
 
 @register
@@ -84,7 +76,7 @@ class FpsParams(OperatorParams):
 
     @model_validator(mode="after")
     def _bounds(self):
-        return _ordered(self, ("min_fps", "max_fps"))
+        return check_ordered(self, ("min_fps", "max_fps"))
 
 
 @register

@@ -12,7 +12,7 @@ import numpy as np
 import pyarrow as pa
 from pydantic import Field, model_validator
 
-from bricks.engine.operator import Filter, FrameRequest, OperatorParams
+from bricks.engine.operator import Filter, FrameRequest, OperatorParams, check_ordered
 from bricks.engine.registry import register
 
 
@@ -28,8 +28,7 @@ class MotionParams(OperatorParams):
 
     @model_validator(mode="after")
     def _sensible_range(self):
-        if self.max_score is not None and self.min_score > self.max_score:
-            raise ValueError(f"min_score ({self.min_score:g}) > max_score ({self.max_score:g})")
+        check_ordered(self, ("min_score", "max_score"))
         if self.relative:
             # The default is in pixels: as a fraction of the diagonal it would drop every clip.
             if "min_score" not in self.model_fields_set:
