@@ -25,6 +25,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from bricks.engine.video import is_local, local_path
+
 log = logging.getLogger("bricks")
 
 INDEX_COLUMNS = ["sample_id", "kind", "num_frames", "height", "width", "fps", "text", "media", "path"]
@@ -188,7 +190,7 @@ def check_reference_sources(index: ShardIndex) -> None:
     message = (f"data: {rows} of the {int(index.usable.sum())} usable samples are decoded from source files that "
                f"cannot be read ({len(unreadable)} of {len(index.reference_sources)} files; e.g. {example!r}: "
                f"{unreadable[example][1]})")
-    if not os.path.isabs(_local_path(example)):
+    if not os.path.isabs(local_path(example)):
         message += (f"; relative paths are taken from the current folder, {os.getcwd()}: run bricks-train from "
                     "the folder bricks-dj ran in, or run bricks-dj again (it records absolute paths)")
     else:
@@ -196,15 +198,11 @@ def check_reference_sources(index: ShardIndex) -> None:
     raise ShardError(message)
 
 
-def _local_path(path: str) -> str:
-    return path[len("file://"):] if path.startswith("file://") else path
-
-
 def _unreadable(path: str) -> str | None:
     """Why a local source file cannot be read, or None (also for URLs, which only decoding tells)."""
-    if "://" in path and not path.startswith("file://"):
+    if not is_local(path):
         return None
-    local = _local_path(path)
+    local = local_path(path)
     if not os.path.exists(local):
         return "no such file"
     if not os.path.isfile(local):
