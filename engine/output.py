@@ -424,13 +424,15 @@ def output_errors(out: Path) -> Iterator[None]:
     except OSError as exc:
         if exc.errno in (errno.ENOSPC, errno.EDQUOT):
             full = "no space left" if exc.errno == errno.ENOSPC else "disk quota exceeded"
-            raise OutputError(f"{full} on {_mount_point(out)} (writing {out}); rerun to resume") from None
+            raise OutputError(f"{full} on {mount_point(out)} (writing {out}); rerun to resume") from None
         if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
             raise OutputError(f"output {out}: cannot write {exc.filename or out}: {exc.strerror}") from None
         raise
 
 
-def _mount_point(path: Path) -> str:
+def mount_point(path: Path) -> str:
+    """The mount point of the file system that holds `path` (or would hold it, if it does not
+    exist yet): the device a full-disk message names."""
     path = Path(os.path.realpath(path))
     while not os.path.ismount(path):
         path = path.parent

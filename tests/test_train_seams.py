@@ -20,6 +20,7 @@ torch = pytest.importorskip("torch")
 
 from click.testing import CliRunner  # noqa: E402
 
+from bricks.engine.output import mount_point  # noqa: E402
 from bricks.train import checkpoint  # noqa: E402
 from bricks.train.checkpoint import checkpoints  # noqa: E402
 from bricks.train.cli import main as train_cli  # noqa: E402
@@ -156,7 +157,7 @@ def test_a_full_disk_stops_with_one_line_and_the_earlier_checkpoints_resume(bric
     run = tmp_path / "run"
     result = train(brick_shards, run, "--max-steps", "6", *EVERY_2)
     line = assert_one_line_error(result, "no space left on device", "step-00000004", "rerun with --resume")
-    assert str(checkpoint._mount_point(run)) in line
+    assert str(mount_point(run)) in line
     assert [c.step for c in checkpoints(run)] == [2] and checkpoint.verify(checkpoints(run)[0]) is None
     assert not list((run / "checkpoints").glob(".step-*"))  # the partial copy is gone, its space freed
 

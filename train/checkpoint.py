@@ -33,6 +33,7 @@ from pathlib import Path
 
 import torch
 
+from bricks.engine.output import mount_point
 from bricks.model.stdit2 import STDiT2Config, load_state_dict
 
 log = logging.getLogger("bricks")
@@ -234,7 +235,7 @@ def _write(tmp: Path, step: int, *, config: STDiT2Config, model: dict, ema: dict
 
 def _write_failure(folder: Path, name: str, exc: Exception) -> str:
     if _is_disk_full(exc):
-        return (f"no space left on device {_mount_point(folder)} (checkpoint {name} in {folder} was not written; "
+        return (f"no space left on device {mount_point(folder)} (checkpoint {name} in {folder} was not written; "
                 "the earlier checkpoints are intact): free space and rerun with --resume")
     return f"checkpoint {name} in {folder} could not be written ({str(exc).splitlines()[0]}): rerun with --resume"
 
@@ -244,17 +245,6 @@ def _is_disk_full(exc: Exception) -> bool:
         return exc.errno in (errno.ENOSPC, errno.EDQUOT)
     # safetensors (Rust) reports the OS error in its message only
     return re.search(rf"os error ({errno.ENOSPC}|{errno.EDQUOT})\b", str(exc)) is not None
-
-
-def _mount_point(path: Path) -> Path:
-    """The mount point of the file system that holds `path` (its nearest existing folder)."""
-    path = Path(os.path.abspath(path))
-    while not path.exists():
-        path = path.parent
-    device = path.stat().st_dev
-    while path.parent != path and path.parent.stat().st_dev == device:
-        path = path.parent
-    return path
 
 
 def _fsync_tree(folder: Path) -> None:
