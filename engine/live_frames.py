@@ -2,8 +2,9 @@
 
 The decode loop counts its frames (`frame_counter`) and reports them at most once a second to
 the board of the run it works for: the `FrameBoard` itself in-process, a `FrameBoard` actor from
-Ray workers (a message a second per source, sent without waiting for an answer). The driver
-mirrors the actor's board into its own, which the display reads.
+Ray workers (a message a second per source, sent without waiting for an answer, and a last one
+at the end of each source that is waited for). The driver mirrors the actor's board into its
+own, which the display reads.
 """
 
 from __future__ import annotations
@@ -73,7 +74,7 @@ class Sink(Protocol):
 
 
 class ActorSink:
-    """Reports to a `FrameBoard` actor without waiting for it."""
+    """Reports to a `FrameBoard` actor, waiting only for the last report of each source."""
 
     def __init__(self, actor) -> None:
         self.actor = actor
@@ -82,7 +83,14 @@ class ActorSink:
         self.actor.update.remote(uri, frames, expected)
 
     def finish(self, uri: str) -> None:
-        self.actor.finish.remote(uri)
+        # Waited for: a caller's calls run in order on the actor, so once this one has, so have
+        # the source's updates, before its results (and the driver's last copy) can follow.
+        import ray
+
+        try:
+            ray.get(self.actor.finish.remote(uri), timeout=30)
+        except (ray.exceptions.RayError, TimeoutError) as exc:  # the display shows less; the run goes on
+            log.debug("frame counts for %s not delivered: %s", uri, exc)
 
 
 _sink: ContextVar[Sink | None] = ContextVar("bricks_frame_sink", default=None)
