@@ -70,7 +70,7 @@ from bricks.engine.inputs import InputError, list_sources
 from bricks.engine.recipe import Recipe, from_dict
 from bricks.engine.run import run
 from bricks.engine.runners import LOCAL_SOURCES_IN_FLIGHT
-from bricks.engine.synthetic import ShotSpec, VideoTruth, write_video
+from bricks.common.synthetic import ShotSpec, VideoTruth, write_video
 
 DEMO_RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "brickfilm_cpu.yaml"
 # Real footage shipped by the packages of the `test` extra: (distribution, file in it).

@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader
 
 from bricks.engine.recipe import from_dict
 from bricks.engine.run import run
-from bricks.engine.synthetic import generate_corpus
+from bricks.common.synthetic import generate_corpus
 from bricks.train.buckets import Buckets
 from bricks.train.loader import ShardDataset
 from bricks.train.shards import ShardIndex

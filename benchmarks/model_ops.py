@@ -7,7 +7,7 @@ so that decoding and the engine's scheduling do not dilute the number:
 
   1. build the operator from its Params and `load(device)` it (not timed in the rate);
   2. make realistic inputs: frames drawn by the synthetic brick-film generator
-     (`bricks.engine.synthetic.render_shot_frames`, 16:9, with a little film grain so JPEGs
+     (`bricks.common.synthetic.render_shot_frames`, 16:9, with a little film grain so JPEGs
      are as large as camera footage's) at the size the operator's FrameRequest asks for
      (3 frames at short side 224 for aesthetic_filter, 32 for its tiny preset, 448 for
      vlm_caption), turned into model inputs by the operator's own `preprocess` (its time per
@@ -66,9 +66,9 @@ from typing import Any
 import numpy as np
 
 from bricks.engine.frames import scaled_size
-from bricks.engine.models import MissingModelError
+from bricks.common.weights import MissingModelError
 from bricks.engine.operator import Frames, ModelOperator
-from bricks.engine.synthetic import ShotSpec, render_shot_frames
+from bricks.common.synthetic import ShotSpec, render_shot_frames
 from bricks.operators.aesthetic_filter import AestheticFilter, AestheticMLP, AestheticParams
 from bricks.operators.vlm_caption import VlmCaption, VlmCaptionParams
 

@@ -26,7 +26,7 @@ from pathlib import Path
 
 from bricks.engine.recipe import from_dict
 from bricks.engine.run import run
-from bricks.engine.synthetic import generate_corpus
+from bricks.common.synthetic import generate_corpus
 from bricks.train.config import load_config
 from bricks.train.metrics import read_metrics
 from bricks.train.trainer import RunOptions, train

@@ -18,7 +18,7 @@ from .output import OutputError
 from .recipe import RecipeError, load
 
 from .model_stage import DeviceError
-from .models import MissingModelError
+from bricks.common.weights import MissingModelError
 
 from .operator import FatalModelError
 from .ray_cluster import RayClusterError
@@ -137,7 +137,7 @@ def models(words: tuple[str, ...], overrides: tuple[str, ...]) -> None:
 
 
 def _download(recipe: str, overrides) -> None:
-    from .models import download
+    from bricks.common.weights import download
 
     for step, spec, (state, where) in _model_files(recipe, overrides):
         if state == "found":
@@ -150,7 +150,7 @@ def _download(recipe: str, overrides) -> None:
 
 
 def _model_files(recipe: str, overrides):
-    from .models import status
+    from bricks.common.weights import status
     from .plan import build
 
     try:
@@ -191,7 +191,7 @@ DEMO_OVERRIDES = (
 def demo(workdir: str, num_videos: int, recipe_path: str, local: bool, overrides: tuple[str, ...]) -> None:
     """Generate synthetic brick-film videos and run the Text2Bricks recipe over them with tiny models."""
     from .plan import build
-    from .synthetic import generate_corpus
+    from bricks.common.synthetic import generate_corpus
 
     videos = Path(workdir) / "videos"
     demo_overrides = (f"input={videos}", f"output={Path(workdir) / 'out'}", *DEMO_OVERRIDES, *overrides)

@@ -18,6 +18,8 @@ import cv2
 import numpy as np
 from av.video.reformatter import VideoReformatter
 
+from bricks.common.video import display_size, reformat, rotate, scaler
+
 from .operator import FrameRequest, Frames, Sample
 
 
@@ -46,22 +48,6 @@ def scaled_size(width: int, height: int, short_side: int | None) -> tuple[int, i
     return max(2, int(round(width * scale / 2)) * 2), max(2, int(round(height * scale / 2)) * 2)
 
 
-def display_size(width: int, height: int, rotation: int) -> tuple[int, int]:
-    return (height, width) if rotation % 180 else (width, height)
-
-
-def scaler() -> VideoReformatter:
-    """One libswscale context per stream of frames: `VideoFrame.reformat` would build (and
-    tear down, with a thread pool) a new one for every frame, which costs more than decoding."""
-    return VideoReformatter()
-
-
-def reformat(reformatter: VideoReformatter, frame: av.VideoFrame, width: int, height: int,
-             fmt: str | None, interpolation: str = "AREA") -> av.VideoFrame:
-    return reformatter.reformat(frame, width=width, height=height, format=fmt,
-                                interpolation=interpolation, threads=1)
-
-
 def to_array(frame: av.VideoFrame, req: FrameRequest, rotation: int, reformatter: VideoReformatter) -> np.ndarray:
     """Scale in libswscale (not on a full-size array), convert, then apply display rotation."""
     dw, dh = display_size(frame.width, frame.height, rotation)
@@ -74,12 +60,6 @@ def to_array(frame: av.VideoFrame, req: FrameRequest, rotation: int, reformatter
     # object is gone: own the pixels.
     array = np.array(frame.to_ndarray(), copy=True)
     return rotate(array, rotation)
-
-
-def rotate(array: np.ndarray, rotation: int) -> np.ndarray:
-    # PyAV reports the display matrix's counter-clockwise angle.
-    turns = (rotation // 90) % 4
-    return np.ascontiguousarray(np.rot90(array, k=turns)) if turns else array
 
 
 class FrameSource(Protocol):
@@ -246,7 +226,7 @@ class RangeFrames:
                 yield index, frame
 
     def _open_at(self, first: int):
-        from .video import decode  # local: frames.py stays free of I/O for the common path
+        from bricks.common.video import decode  # local: frames.py stays free of I/O for the common path
 
         seek_pts = self.pts_by_index[first] if first < len(self.pts_by_index) else None
         if seek_pts is None or len(self.index_by_pts) != len(self.pts_by_index):

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import fsspec
 
-from .video import broken_link_reason, is_local, local_path
+from bricks.common.video import broken_link_reason, is_local, local_path
 
 VIDEO_EXTENSIONS = {".mp4", ".mov", ".mkv", ".avi", ".webm", ".m4v", ".mpg", ".mpeg", ".ts", ".flv", ".wmv", ".3gp"}
 LIST_EXTENSIONS = {".txt", ".list", ".lst"}

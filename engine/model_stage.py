@@ -17,7 +17,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from .models import warn_tiny
+from bricks.common.weights import warn_tiny
 from .operator import FatalModelError, ModelOperator
 from .plan import Plan, Step
 from .schema import BASE_COLUMNS, fit_columns, scores_json

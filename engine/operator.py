@@ -210,7 +210,7 @@ class ModelOperator(Operator):
     model: Any = None
 
     def model_files(self) -> list:
-        """`bricks.engine.models.ModelFile`s this operator loads (none for tiny presets)."""
+        """`bricks.common.weights.ModelFile`s this operator loads (none for tiny presets)."""
         return []
 
     @property

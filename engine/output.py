@@ -38,6 +38,8 @@ except ImportError:  # Windows: the lock is then the lock file's atomic creation
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from bricks.common.files import mount_point, temp_path, write_atomic
+
 from .pipeline import OpStats
 from .schema import rejects_schema
 
@@ -57,22 +59,6 @@ class OutputError(ValueError):
 
 class OutputLockedError(OutputError):
     pass
-
-
-def temp_path(path: Path) -> Path:
-    return path.with_name(f".{path.name}.bricks-tmp")
-
-
-def write_atomic(path: Path, data: bytes | str) -> None:
-    tmp = temp_path(path)
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data.encode() if isinstance(data, str) else data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def write_parquet_staged(path: Path, table: pa.Table, row_group_rows: int) -> int:
@@ -428,15 +414,6 @@ def output_errors(out: Path) -> Iterator[None]:
         if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
             raise OutputError(f"output {out}: cannot write {exc.filename or out}: {exc.strerror}") from None
         raise
-
-
-def mount_point(path: Path) -> str:
-    """The mount point of the file system that holds `path` (or would hold it, if it does not
-    exist yet): the device a full-disk message names."""
-    path = Path(os.path.realpath(path))
-    while not os.path.ismount(path):
-        path = path.parent
-    return str(path)
 
 
 def write_manifest(out: Path, manifest: dict[str, Any]) -> None:

@@ -19,13 +19,15 @@ import cv2
 import numpy as np
 from av.video.reformatter import VideoReformatter
 
-from .frames import BufferedFrames, FrameBuffer, FrameSource, RangeFrames, display_size, reformat, rotate, scaler
+from bricks.common.video import (DecodeError, DecodeStats, SourceError, decode_ahead, display_rotation, display_size,
+                                 probe, reformat, rotate, scaler)
+
+from .frames import BufferedFrames, FrameBuffer, FrameSource, RangeFrames
 from .live_frames import frame_counter
 from .operator import FanOut, Filter, Frames, FrameRequest, Mapper, Sample
 from .plan import Plan, Step
 from .samples import Drop, Dropped, SourceContext, clip_of
 from .schema import BASE_COLUMNS, ColumnTypeError, fit_columns, scores_json
-from .video import DecodeError, DecodeStats, SourceError, decode_ahead, display_rotation, probe
 
 
 def segmenter_frame(reformatter: VideoReformatter, frame: av.VideoFrame, rotation: int,

@@ -19,14 +19,16 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from bricks.common.settings import (SettingsError, apply_override, first_error, parse_overrides,
+                                     read_yaml_mapping)
 
 from . import registry
 from .operator import Operator
 
 
-class RecipeError(ValueError):
+class RecipeError(SettingsError):
     pass
 
 
@@ -90,79 +92,18 @@ class Recipe:
         return data
 
 
-def parse_overrides(pairs: list[str]) -> list[tuple[list[str], Any]]:
-    """`KEY=VALUE` pairs as (dotted key split, value read as YAML); a one-line `RecipeError`
-    naming the pair when it is not one."""
-    out = []
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key.strip():
-            raise RecipeError(f"--set {pair!r}: expected KEY=VALUE, e.g. executor.mode=local")
-        try:
-            parsed = yaml.safe_load(value) if value else None
-        except yaml.YAMLError as exc:
-            raise RecipeError(f"--set {pair!r}: the value is not valid YAML ({_yaml_problem(exc)}); "
-                              f"quote it to set it as text, e.g. --set '{key.strip()}=\"...\"'") from None
-        out.append((key.strip().split("."), parsed))
-    return out
-
-
-def _yaml_problem(exc: yaml.YAMLError) -> str:
-    """PyYAML's complaint about a one-line value, in one line."""
-    problem = getattr(exc, "problem", None) or str(exc).strip().splitlines()[0]
-    mark = getattr(exc, "problem_mark", None)
-    return f"column {mark.column + 1}: {problem}" if mark else problem
-
-
-def apply_override(data: dict, path: list[str], value: Any, where: str) -> None:
-    node: Any = data
-    for i, part in enumerate(path):
-        last = i == len(path) - 1
-        dotted = ".".join(path[: i + 1])
-        if isinstance(node, list):
-            node_index = _list_index(node, part, f"{where}: --set {dotted}")
-            by_name = not part.lstrip("-").isdigit()
-            if last:
-                node[node_index] = {part: value} if by_name else value
-                return
-            node = node[node_index]
-            if by_name:  # `process.motion_filter.min_score`: straight to the parameters
-                if node[part] is None:
-                    node[part] = {}
-                node = node[part]
-        elif isinstance(node, dict):
-            if last:
-                node[part] = value
-                return
-            if node.get(part) is None:
-                node[part] = {}
-            node = node[part]
-        else:
-            raise RecipeError(f"{where}: --set {dotted}: cannot set a field inside a {type(node).__name__}")
-
-
-def _list_index(items: list, part: str, where: str) -> int:
-    """A list element by position or, in `process`, by operator name (first match)."""
-    if part.lstrip("-").isdigit():
-        index = int(part)
-        if not -len(items) <= index < len(items):
-            raise RecipeError(f"{where}: index out of range (the list has {len(items)} items)")
-        return index
-    names = [next(iter(item)) for item in items if isinstance(item, dict) and len(item) == 1]
-    if part in names:
-        return names.index(part)
-    raise RecipeError(f"{where}: no item named '{part}'{registry.suggest(part, names)}")
-
-
 def load(path: str | Path, overrides: list[str] = ()) -> Recipe:
     """The recipe at `path` with `--set` overrides applied. Relative `input` and `output`
     paths in the file are relative to the recipe's folder; in overrides, to the current one."""
     path = Path(path)
-    data = read_yaml_mapping(path, "recipe", "a recipe is a mapping with input, output and process")
-    data = resolve_paths(data, path.parent)
-    parsed = parse_overrides(list(overrides))
-    for keys, value in parsed:
-        apply_override(data, keys, value, str(path))
+    try:
+        data = read_yaml_mapping(path, "recipe", "a recipe is a mapping with input, output and process")
+        data = resolve_paths(data, path.parent)
+        parsed = parse_overrides(list(overrides))
+        for keys, value in parsed:
+            apply_override(data, keys, value, str(path))
+    except SettingsError as exc:
+        raise RecipeError(str(exc)) from None
     data = resolve_paths(data, Path.cwd(), {keys[0] for keys, _ in parsed})
     return from_dict(data, where=str(path), base_dir=path.parent)
 
@@ -183,31 +124,6 @@ def resolve_paths(data: dict, base_dir: Path, fields=PATH_FIELDS) -> dict:
         value = data[key]
         resolved[key] = [absolute(v) for v in value] if isinstance(value, list) else absolute(value)
     return resolved
-
-
-def read_yaml_mapping(path: Path, what: str, shape: str) -> dict:
-    """A YAML file (safe loader) that holds a mapping; a one-line `RecipeError` naming the file
-    (and the line of a syntax error) otherwise. Recipes and training configs read this way."""
-    where = str(path)
-    try:
-        raw = path.read_bytes()
-    except OSError as exc:
-        raise RecipeError(f"{where}: cannot read {what}: {exc.strerror or exc}") from None
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        line = raw.count(b"\n", 0, exc.start) + 1
-        raise RecipeError(f"{where}: not UTF-8 text: byte {exc.start} (line {line}) is 0x{raw[exc.start]:02x}; "
-                          f"save the {what} as UTF-8") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        at = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
-        raise RecipeError(f"{where}: not valid YAML{at}: {getattr(exc, 'problem', exc)}") from None
-    if not isinstance(data, dict):
-        raise RecipeError(f"{where}: {shape}")
-    return data
 
 
 def from_dict(data: dict, where: str = "<recipe>", base_dir: Path | None = None) -> Recipe:
@@ -242,27 +158,3 @@ def _build_op(item: dict[str, Any], index: int, where: str) -> Operator:
         raise RecipeError(f"{at}: {first_error(exc, cls.Params)}") from None
 
 
-def first_error(exc: ValidationError, model: type[BaseModel]) -> str:
-    """The first validation error as one line, with the nearest field name for a misspelling."""
-    err = exc.errors()[0]
-    loc = ".".join(str(p) for p in err["loc"])
-    if err["type"] == "extra_forbidden":
-        field = str(err["loc"][-1])
-        known = _fields_at(model, err["loc"][:-1])
-        return f"unknown parameter '{loc}'{registry.suggest(field, known)}"
-    if err["type"] == "missing":
-        return f"missing required field '{loc}'"
-    got = err.get("input")
-    got_text = f" (got {got!r})" if not isinstance(got, (dict, list)) else ""
-    return f"'{loc}': {err['msg']}{got_text}" if loc else f"{err['msg']}{got_text}"
-
-
-def _fields_at(model: type[BaseModel], loc: tuple) -> list[str]:
-    for part in loc:
-        field = model.model_fields.get(str(part)) if isinstance(part, str) else None
-        annotation = getattr(field, "annotation", None)
-        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-            model = annotation
-        else:
-            return list(model.model_fields)
-    return list(model.model_fields)

@@ -7,12 +7,13 @@ Built-in operators live in `bricks.operators`; third-party packages expose their
 
 from __future__ import annotations
 
-import difflib
 import importlib
 import importlib.util
 import sys
 from importlib.metadata import entry_points
 from pathlib import Path
+
+from bricks.common.settings import suggest
 
 from .operator import FanOut, Filter, Mapper, ModelOperator, Operator, Segmenter
 
@@ -100,11 +101,6 @@ def get(name: str) -> type[Operator]:
 def all_operators() -> dict[str, type[Operator]]:
     discover()
     return dict(sorted(_OPERATORS.items()))
-
-
-def suggest(name: str, candidates) -> str:
-    close = difflib.get_close_matches(name, list(candidates), n=1, cutoff=0.5)
-    return f"; did you mean '{close[0]}'?" if close else ""
 
 
 def kind_of(cls: type[Operator]) -> str:

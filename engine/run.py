@@ -105,7 +105,7 @@ def preflight(recipe: Recipe, mode: str | None = None) -> tuple[plan_mod.Plan, l
 def check_models(plan) -> None:
     """Before any video is decoded: every model operator has its device and its weights."""
     from .model_stage import resolve_device
-    from .models import resolve
+    from bricks.common.weights import resolve
 
     for step in plan.model_steps:
         resolve_device(step.op, warn=False)

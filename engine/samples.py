@@ -12,7 +12,7 @@ import numpy as np
 
 from .operator import Sample
 from .schema import sample_id
-from .video import SourceInfo
+from bricks.common.video import SourceInfo
 
 
 @dataclass

@@ -10,7 +10,7 @@ from pathlib import Path
 import click
 from click.core import ParameterSource
 
-from bricks.engine.models import MissingModelError
+from bricks.common.weights import MissingModelError
 
 from .stdit2 import STDiT2Config
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from bricks.engine.models import MissingModelError, ModelFile, resolve
+from bricks.common.weights import MissingModelError, ModelFile, resolve
 
 __all__ = ["MissingModelError", "locate", "looks_like_repo_id"]
 

@@ -89,7 +89,7 @@ class VideoSampler:
         With `ckpt`, the model/ or ema/ folder of a `bricks-train` checkpoint of a tiny run
         (`model.tiny: true`), the STDiT2 has those weights and the encoders are the ones it was
         trained with: the tiny VAE and T5 are random too, rebuilt from the run's seed."""
-        from bricks.engine.models import warn_tiny
+        from bricks.common.weights import warn_tiny
 
         if ckpt is not None:
             seed = tiny_run_seed(Path(ckpt))
@@ -202,10 +202,10 @@ def to_uint8_frames(video: torch.Tensor) -> list[np.ndarray]:
 
 
 def write_mp4(path: Path, frames: list[np.ndarray], fps: float) -> None:
-    from bricks.engine.output import write_atomic
-    from bricks.operators.encode_clips import EncodeParams, encode_mp4
+    from bricks.common.files import write_atomic
+    from bricks.common.video import encode_mp4
 
-    write_atomic(path, encode_mp4(frames, fps, EncodeParams(crf=18, preset="medium")))
+    write_atomic(path, encode_mp4(frames, fps, crf=18, preset="medium"))
 
 
 def write_png(path: Path, frame: np.ndarray) -> None:
@@ -213,7 +213,7 @@ def write_png(path: Path, frame: np.ndarray) -> None:
 
     from PIL import Image
 
-    from bricks.engine.output import write_atomic
+    from bricks.common.files import write_atomic
 
     buffer = io.BytesIO()
     Image.fromarray(frame).save(buffer, format="PNG")

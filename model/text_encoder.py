@@ -58,7 +58,7 @@ class T5TextEncoder:
         from tokenizers import Tokenizer, models, pre_tokenizers, processors
         from transformers import PreTrainedTokenizerFast, T5Config, T5EncoderModel
 
-        from bricks.engine.models import warn_tiny
+        from bricks.common.weights import warn_tiny
 
         warn_tiny("T5 text encoder")
         specials = ["<pad>", "</s>", "<unk>"]  # T5's ids: pad 0, end of text 1

@@ -49,7 +49,7 @@ class VideoVAE(nn.Module):
         8x downsampling) and a few thousand weights: for tests and the demo only."""
         from diffusers import AutoencoderKL
 
-        from bricks.engine.models import warn_tiny
+        from bricks.common.weights import warn_tiny
 
         warn_tiny("VAE")
         autoencoder = AutoencoderKL(

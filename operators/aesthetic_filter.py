@@ -16,7 +16,7 @@ import numpy as np
 import pyarrow as pa
 from pydantic import Field, model_validator
 
-from bricks.engine.models import ModelFile, resolve
+from bricks.common.weights import ModelFile, resolve
 from bricks.engine.operator import FrameRequest, ModelOperator, ModelParams, check_ordered
 from bricks.engine.registry import register
 

@@ -6,12 +6,10 @@ media; `start_frame`/`end_frame` stay in source frame indices.
 
 from __future__ import annotations
 
-import io
-from fractions import Fraction
-
 import av
 from pydantic import Field
 
+from bricks.common.video import encode_mp4
 from bricks.engine.operator import FrameRequest, Mapper, OperatorParams
 from bricks.engine.registry import register
 
@@ -48,28 +46,9 @@ class EncodeClips(Mapper):
     def process(self, sample, frames):
         arrays = frames[0].arrays
         fps = self.params.fps if self.params.fps is not None and self.params.fps < sample["fps"] else sample["fps"]
-        sample["media"] = encode_mp4(arrays, fps, self.params)
+        p = self.params
+        sample["media"] = encode_mp4(arrays, fps, p.codec, p.crf, p.preset)
         height, width = (d - d % 2 for d in arrays[0].shape[:2])
         sample.update(media_format="mp4", fps=fps, num_frames=len(arrays), height=height, width=width,
                       aspect_ratio=height / width, resolution=height * width)
         return sample
-
-
-def encode_mp4(arrays, fps: float, params: EncodeParams) -> bytes:
-    # yuv420p needs even sizes: drop a last odd row or column rather than fail.
-    height, width = (d - d % 2 for d in arrays[0].shape[:2])
-    arrays = [a[:height, :width] for a in arrays]
-    buffer = io.BytesIO()
-    with av.open(buffer, "w", format="mp4") as container:
-        rate = Fraction(fps).limit_denominator(100000)
-        stream = container.add_stream(params.codec, rate=rate)
-        stream.height, stream.width = height, width
-        stream.pix_fmt = "yuv420p"
-        stream.options = {"crf": str(params.crf), "preset": params.preset}
-        for pts, array in enumerate(arrays):
-            frame = av.VideoFrame.from_ndarray(array, format="rgb24")
-            frame.pts = pts
-            frame.time_base = 1 / rate
-            container.mux(stream.encode(frame))
-        container.mux(stream.encode(None))
-    return buffer.getvalue()

@@ -19,7 +19,7 @@ from typing import Literal
 import cv2
 from pydantic import Field, model_validator
 
-from bricks.engine.models import ModelFile, resolve
+from bricks.common.weights import ModelFile, resolve
 from bricks.engine.operator import FatalModelError, FrameRequest, ModelOperator, ModelParams
 from bricks.engine.registry import register
 

@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from bricks.engine.synthetic import ShotSpec, generate_corpus, write_video
+from bricks.common.synthetic import ShotSpec, generate_corpus, write_video
 
 CPU_PROCESS = yaml.safe_load((Path(__file__).parents[1] / "recipes" / "brickfilm_cpu.yaml").read_text())["process"]
 

@@ -12,7 +12,7 @@ import pytest
 
 from bricks.engine.recipe import from_dict
 from bricks.engine.run import run
-from bricks.engine.synthetic import ShotSpec, write_vfr_video, write_video
+from bricks.common.synthetic import ShotSpec, write_vfr_video, write_video
 
 from conftest import CPU_PROCESS, read_manifest, read_rejects, read_shards, write_recipe
 

@@ -14,8 +14,8 @@ from bricks.engine.frames import RangeFrames
 from bricks.engine.operator import FrameRequest
 from bricks.engine.recipe import from_dict
 from bricks.engine.run import run
-from bricks.engine.synthetic import ShotSpec, write_video
-from bricks.engine.video import DecodeStats, decode, open_container
+from bricks.common.synthetic import ShotSpec, write_video
+from bricks.common.video import DecodeStats, decode, open_container
 
 from conftest import read_manifest, read_rejects, read_shards
 

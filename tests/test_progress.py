@@ -17,7 +17,7 @@ from bricks.engine.live_frames import FrameBoard
 from bricks.engine.progress import RunProgress, print_summary
 from bricks.engine.recipe import from_dict
 from bricks.engine.run import run
-from bricks.engine.synthetic import ShotSpec, write_video
+from bricks.common.synthetic import ShotSpec, write_video
 
 from conftest import write_recipe
 

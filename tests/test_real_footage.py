@@ -31,7 +31,7 @@ from bricks.engine.frames import scaler
 from bricks.engine.pipeline import segmenter_frame
 from bricks.engine.recipe import from_dict
 from bricks.engine.run import run
-from bricks.engine.video import decode_ahead, display_rotation
+from bricks.common.video import decode_ahead, display_rotation
 from bricks.operators.shot_split import ShotSplit
 
 from conftest import read_shards

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import scenedetect
 
-from bricks.engine.synthetic import (
+from bricks.common.synthetic import (
     ShotSpec,
     VideoTruth,
     generate_corpus,

@@ -16,8 +16,8 @@ torch = pytest.importorskip("torch")
 
 from bricks.engine.recipe import from_dict  # noqa: E402
 from bricks.engine.run import run  # noqa: E402
-from bricks.engine.synthetic import ShotSpec, write_vfr_video, write_video  # noqa: E402
-from bricks.engine.video import DecodeStats  # noqa: E402
+from bricks.common.synthetic import ShotSpec, write_vfr_video, write_video  # noqa: E402
+from bricks.common.video import DecodeStats  # noqa: E402
 from bricks.train.buckets import Buckets, stable_seed  # noqa: E402
 from bricks.train.decode import BadSample, read_clip, temporal_indices  # noqa: E402
 from bricks.train.loader import ShardDataset  # noqa: E402

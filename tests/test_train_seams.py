@@ -20,7 +20,7 @@ torch = pytest.importorskip("torch")
 
 from click.testing import CliRunner  # noqa: E402
 
-from bricks.engine.output import mount_point  # noqa: E402
+from bricks.common.files import mount_point  # noqa: E402
 from bricks.train import checkpoint  # noqa: E402
 from bricks.train.checkpoint import checkpoints  # noqa: E402
 from bricks.train.cli import main as train_cli  # noqa: E402

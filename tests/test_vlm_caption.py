@@ -140,7 +140,7 @@ def test_transformers_backend_loads_a_model_folder(tmp_path, corpus):
 
 
 def test_missing_vlm_folder_is_a_clear_error(tmp_path, corpus):
-    from bricks.engine.models import MissingModelError
+    from bricks.common.weights import MissingModelError
 
     recipe = from_dict({"input": str(corpus[0]), "output": str(tmp_path / "out"),
                         "process": [{"shot_split": {}}, {"vlm_caption": {"backend": "transformers", "device": "cpu",

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from bricks.engine.output import mount_point
+from bricks.common.files import mount_point
 from bricks.model.stdit2 import STDiT2Config, load_state_dict
 
 log = logging.getLogger("bricks")

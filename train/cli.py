@@ -14,7 +14,7 @@ from pathlib import Path
 
 import click
 
-from bricks.engine.models import MissingModelError
+from bricks.common.weights import MissingModelError
 
 from .buckets import BucketConfigError
 from .config import TrainConfigError, load_config, resolve_config_path, shipped_configs

@@ -25,7 +25,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from bricks.engine.recipe import RecipeError, apply_override, first_error, parse_overrides, read_yaml_mapping
+from bricks.common.settings import SettingsError, apply_override, first_error, parse_overrides, read_yaml_mapping
 from bricks.model.sampling import DEFAULT_STDIT2
 from bricks.model.text_encoder import DEFAULT_T5
 from bricks.model.vae import DEFAULT_VAE
@@ -216,7 +216,7 @@ def load_config(ref: str | Path, overrides: list[str] = ()) -> TrainConfig:
                                  "a training config is a mapping of sections (model, data, ...)")
         for keys, value in parse_overrides(list(overrides)):
             apply_override(data, keys, value, str(path))
-    except RecipeError as exc:
+    except SettingsError as exc:
         raise TrainConfigError(str(exc)) from None
     return from_dict(data, str(path))
 

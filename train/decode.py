@@ -9,7 +9,7 @@ bucket's size, then centre-cropped. Images: the same resize and crop, T = 1. Med
 the shard's `media` bytes or, in reference mode, from `path` (a path or fsspec URI) between
 `start_frame` and `end_frame`.
 
-Videos are opened, decoded and oriented by the data engine's own code (`bricks.engine.video`),
+Videos are opened, decoded and oriented by the code `bricks-dj` decodes with (`bricks.common.video`),
 so a reference-mode clip has exactly the frames `bricks-dj` numbered: upright when the source
 carries a display rotation, past the same undecodable packets, and found by seeking to the key
 frame before the clip's `start_time` rather than decoding the source from its first frame.
@@ -25,9 +25,9 @@ import av
 import numpy as np
 import torch
 
-from bricks.engine.frames import display_size, reformat, rotate, scaler
-from bricks.engine.video import (DecodeError, DecodeStats, SourceError, decode_stream, display_rotation,
-                                 open_container, set_decode_threads, time_to_pts, video_stream)
+from bricks.common.video import (DecodeError, DecodeStats, SourceError, decode_stream, display_rotation, display_size,
+                                 open_container, reformat, rotate, scaler, set_decode_threads, time_to_pts,
+                                 video_stream)
 
 # Shards store times rounded to the microsecond; frames are far more than this apart.
 TIME_TOLERANCE = 1e-4

@@ -25,7 +25,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from bricks.engine.video import is_local, local_path
+from bricks.common.video import is_local, local_path
 
 log = logging.getLogger("bricks")
 

@@ -10,7 +10,7 @@ The colours and motion are tuned so that PySceneDetect's `ContentDetector` at it
 threshold (27) finds every cut and nothing else, while Farneback optical flow sampled at 2 fps
 is clearly non-zero inside moving shots and ~0 inside static ones.
 
-CLI: ``python -m bricks.engine.synthetic OUT_DIR [--num-videos N] [--width W] [--height H]
+CLI: ``python -m bricks.common.synthetic OUT_DIR [--num-videos N] [--width W] [--height H]
 [--fps F] [--seed S]`` writes ``brickfilm-000.mp4`` ... and ``truth.json`` into OUT_DIR.
 """
 
@@ -531,7 +531,7 @@ def generate_corpus(
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m bricks.engine.synthetic",
+        prog="python -m bricks.common.synthetic",
         description="Write a corpus of synthetic brick-film videos with known cuts.",
     )
     parser.add_argument("out_dir")

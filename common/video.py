@@ -30,6 +30,8 @@ from typing import Iterator
 
 import av
 import fsspec
+import numpy as np
+from av.video.reformatter import VideoReformatter
 
 
 # Key frames to step back when the one a seek lands on does not decode, before decoding from the start.
@@ -329,3 +331,46 @@ def decode_ahead(uri: str, threads: int = 0, depth: int = 16,
     finally:
         stop.set()
         worker.join()
+
+
+def display_size(width: int, height: int, rotation: int) -> tuple[int, int]:
+    return (height, width) if rotation % 180 else (width, height)
+
+
+def scaler() -> VideoReformatter:
+    """One libswscale context per stream of frames: `VideoFrame.reformat` would build (and
+    tear down, with a thread pool) a new one for every frame, which costs more than decoding."""
+    return VideoReformatter()
+
+
+def reformat(reformatter: VideoReformatter, frame: av.VideoFrame, width: int, height: int,
+             fmt: str | None, interpolation: str = "AREA") -> av.VideoFrame:
+    return reformatter.reformat(frame, width=width, height=height, format=fmt,
+                                interpolation=interpolation, threads=1)
+
+
+def rotate(array: np.ndarray, rotation: int) -> np.ndarray:
+    # PyAV reports the display matrix's counter-clockwise angle.
+    turns = (rotation // 90) % 4
+    return np.ascontiguousarray(np.rot90(array, k=turns)) if turns else array
+
+
+def encode_mp4(arrays, fps: float, codec: str = "libx264", crf: int = 23, preset: str = "veryfast") -> bytes:
+    """RGB frames as an MP4 file's bytes (yuv420p, which needs even sizes: a last odd row or
+    column is dropped rather than fail)."""
+    height, width = (d - d % 2 for d in arrays[0].shape[:2])
+    arrays = [a[:height, :width] for a in arrays]
+    buffer = io.BytesIO()
+    with av.open(buffer, "w", format="mp4") as container:
+        rate = Fraction(fps).limit_denominator(100000)
+        stream = container.add_stream(codec, rate=rate)
+        stream.height, stream.width = height, width
+        stream.pix_fmt = "yuv420p"
+        stream.options = {"crf": str(crf), "preset": preset}
+        for pts, array in enumerate(arrays):
+            frame = av.VideoFrame.from_ndarray(array, format="rgb24")
+            frame.pts = pts
+            frame.time_base = 1 / rate
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode(None))
+    return buffer.getvalue()
