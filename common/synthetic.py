@@ -337,11 +337,12 @@ def _encode(
     time_base: Fraction,
     pts_of: Callable[[int], int],
     grain: float = 0.0,
+    options: dict[str, str] | None = None,
 ) -> None:
     """Render `shots` into `path` (written in place); frame i gets pts ``pts_of(i)``."""
     noise = _grain_bank(width, height, grain)
     with av.open(str(path), "w") as container:
-        stream = container.add_stream(codec, rate=rate, options=_encoder_options(codec, crf))
+        stream = container.add_stream(codec, rate=rate, options={**_encoder_options(codec, crf), **(options or {})})
         stream.width = width
         stream.height = height
         stream.pix_fmt = "yuv420p"
@@ -398,11 +399,14 @@ def write_video(
     gop: int | None = None,
     rotate: int = 0,
     grain: float = 0.0,
+    options: dict[str, str] | None = None,
 ) -> VideoTruth:
     """Render `shots` back to back into a constant-frame-rate video at `path`.
 
     `grain` adds film grain of that standard deviation (in 8-bit levels) to every frame, for
-    benchmarks that need footage as costly to decode as a camera's.
+    benchmarks that need footage as costly to decode as a camera's. `options` go to the encoder
+    over the defaults (e.g. ``{"x264-params": "open-gop=1"}`` for open GOPs, whose leading
+    B-frames follow their key frame in decoding order but precede it on screen).
     Shot k starts where shot k-1 ends; frame i is presented at i / fps seconds. `gop` sets the
     keyframe interval when given. `rotate` (0, 90, 180 or 270) stores a display matrix in the
     container; PyAV reads it back as `frame.rotation` -- counter-clockwise degrees normalised
@@ -418,7 +422,7 @@ def write_video(
     final = _write_atomic(
         path,
         lambda tmp: _encode(
-            tmp, shots, width, height, rate, codec, crf, gop, rotate, time_base, lambda i: i, grain
+            tmp, shots, width, height, rate, codec, crf, gop, rotate, time_base, lambda i: i, grain, options
         ),
     )
     return VideoTruth(str(final), float(rate), width, height, total, cuts, static, rotate)

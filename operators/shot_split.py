@@ -4,15 +4,21 @@ The detectors are PySceneDetect's own; the engine feeds them the frames of its s
 pass made exactly as `detect()` makes them (BGR at full size, upright, shrunk by `cv2.resize` to
 about 256 px on the long side: see `bricks.engine.pipeline.segmenter_frame`), so every frame's
 score, and with it the cut list, equals what `detect()` computes.
+
+For a long source split into key-frame segments (`bricks.engine.segments`), `frame_scorer`
+scores each segment's frames on its own and `replay` runs the detector's decision logic once over
+the stitched scores: every decision after the score (threshold, flash filter, adaptive window,
+fades) is the detector's own code, so the cuts are the single pass's.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from typing import Literal
 
 import cv2
 import numpy as np
-from scenedetect import AdaptiveDetector, ContentDetector, ThresholdDetector
+from scenedetect import AdaptiveDetector, ContentDetector, StatsManager, ThresholdDetector
 from scenedetect.common import FrameTimecode
 from scenedetect.scene_manager import compute_downscale_factor
 
@@ -46,13 +52,16 @@ class ShotSplit(Segmenter):
         return max(1, round(width / factor)), max(1, round(height / factor))
 
     def make_detector(self):
+        return self._detector(FastContentDetector, FastAdaptiveDetector)
+
+    def _detector(self, content: type, adaptive: type):
         p = self.params
         if p.detector == "content":
             kwargs = {} if p.threshold is None else {"threshold": p.threshold}
-            return FastContentDetector(min_scene_len=p.min_scene_len, **kwargs)
+            return content(min_scene_len=p.min_scene_len, **kwargs)
         if p.detector == "adaptive":
             kwargs = {} if p.threshold is None else {"adaptive_threshold": p.threshold}
-            return FastAdaptiveDetector(min_scene_len=p.min_scene_len, min_content_val=p.min_content_val, **kwargs)
+            return adaptive(min_scene_len=p.min_scene_len, min_content_val=p.min_content_val, **kwargs)
         kwargs = {} if p.threshold is None else {"threshold": p.threshold}
         return ThresholdDetector(min_scene_len=p.min_scene_len, **kwargs)
 
@@ -63,6 +72,36 @@ class ShotSplit(Segmenter):
         lag = None if self.params.detector == "threshold" else max(
             detector.event_buffer_length, self.params.min_scene_len) + 1
         return _DetectorTracker(detector, sample["fps"], lag)
+
+    def frame_scorer(self) -> Callable[[np.ndarray], float]:
+        """Scores frames handed to it in order (made as those pushed to `start`'s tracker), each
+        as the detector's decision reads it: the content score of a frame against the one before
+        it (0.0 for the first), or the threshold detector's mean brightness of the frame alone."""
+        detector = self.make_detector()
+        if isinstance(detector, ThresholdDetector):
+            return _BrightnessScorer(detector)
+        return _ContentScorer(detector)
+
+    def replay(self, sample, scores: Sequence[float]) -> list[int]:
+        """The cuts that `start(sample)`'s tracker reports over a source whose frame k scores
+        `scores[k]` (from `frame_scorer`, frames in order from the first): the same detector
+        class, parameters and tracker, with only the score looked up instead of computed."""
+        if self.params.detector == "threshold":
+            detector = self.make_detector()
+            # ThresholdDetector reads a frame's brightness from its StatsManager when present
+            # there (PySceneDetect's own reuse of precomputed metrics).
+            detector.stats_manager = StatsManager()
+            for index, value in enumerate(scores):
+                detector.stats_manager.set_metrics(FrameTimecode(index, sample["fps"]),
+                                                   {ThresholdDetector.THRESHOLD_VALUE_KEY: value})
+        else:
+            detector = self._detector(_ReplayContentDetector, _ReplayAdaptiveDetector)
+            detector.scores = scores
+        tracker = _DetectorTracker(detector, sample["fps"], None)
+        cuts: list[int] = []
+        for index in range(len(scores)):
+            cuts += tracker.push(index, None)
+        return cuts + tracker.finish(len(scores))
 
 
 class _ExactFastScore:
@@ -99,6 +138,51 @@ class FastContentDetector(_ExactFastScore, ContentDetector):
 
 class FastAdaptiveDetector(_ExactFastScore, AdaptiveDetector):
     pass
+
+
+class _ReplayScore:
+    """A detector whose frame scores were computed beforehand: frame k's is `scores[k]`."""
+
+    scores: Sequence[float] = ()
+
+    def _calculate_frame_score(self, timecode, frame_img) -> float:
+        return self.scores[timecode.frame_num]
+
+
+class _ReplayContentDetector(_ReplayScore, ContentDetector):
+    pass
+
+
+class _ReplayAdaptiveDetector(_ReplayScore, AdaptiveDetector):
+    pass
+
+
+class _ContentScorer:
+    def __init__(self, detector: _ExactFastScore) -> None:
+        self.detector = detector
+        self.count = 0
+
+    def __call__(self, frame: np.ndarray) -> float:
+        score = self.detector._calculate_frame_score(FrameTimecode(self.count, 1.0), frame)
+        self.count += 1
+        return score
+
+
+class _BrightnessScorer:
+    """The threshold detector's per-frame value, computed by the detector itself: it records
+    each frame's value in an attached StatsManager, read back here."""
+
+    def __init__(self, detector: ThresholdDetector) -> None:
+        self.detector = detector
+        detector.stats_manager = StatsManager()
+        self.count = 0
+
+    def __call__(self, frame: np.ndarray) -> float:
+        timecode = FrameTimecode(self.count, 1.0)
+        self.detector.process_frame(timecode, frame)
+        self.count += 1
+        key = ThresholdDetector.THRESHOLD_VALUE_KEY
+        return self.detector.stats_manager.get_metrics(timecode, [key])[0]
 
 
 class _DetectorTracker(SegmentTracker):
