@@ -1,18 +1,23 @@
 """Turning a recipe's `input` into the list of source URIs to process.
 
 Local sources are absolute, normalised paths (so shards and their sample ids do not depend
-on the folder a run started in); fsspec URIs are kept as given.
+on the folder a run started in); fsspec URIs are kept as given, and remote folders
+(`s3://BUCKET/PREFIX/`) are listed for video files like local ones.
 """
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 from pathlib import Path
+from typing import Iterator
 
 import fsspec
 
 from bricks.common.video import broken_link_reason, is_local, local_path
+
+from .store import OBJECT_STORES, unreachable_errors
 
 VIDEO_EXTENSIONS = {".mp4", ".mov", ".mkv", ".avi", ".webm", ".m4v", ".mpg", ".mpeg", ".ts", ".flv", ".wmv", ".3gp"}
 LIST_EXTENSIONS = {".txt", ".list", ".lst"}
@@ -38,18 +43,23 @@ def list_sources(spec: str | list[str]) -> list[str]:
     return sorted(found)
 
 
-def input_folders(spec: str | list[str]) -> list[Path]:
-    """The local folders that `input` reads from: folders, and the fixed part of globs."""
+def input_folders(spec: str | list[str]) -> list[str]:
+    """The folders that `input` reads from, local (absolute paths) and remote (URIs): folders,
+    and the fixed part of globs. An object-store item not named like a file is taken for one."""
     folders = []
     for item in [spec] if isinstance(spec, str) else list(spec):
-        if not is_local(item):
-            continue
-        path = local_path(item)
+        path = local_path(item) if is_local(item) else item
         if any(ch in path for ch in "*?["):
-            fixed = path[: min(path.find(ch) for ch in "*?[" if ch in path)]
-            folders.append(Path(_absolute(os.path.dirname(fixed) or ".")))
-        elif os.path.isdir(path):
-            folders.append(Path(_absolute(path)))
+            fixed = os.path.dirname(path[: min(path.find(ch) for ch in "*?[" if ch in path)])
+            if is_local(item):
+                folders.append(_absolute(fixed or "."))
+            elif "://" in fixed:
+                folders.append(fixed)
+        elif is_local(item):
+            if os.path.isdir(path):
+                folders.append(_absolute(path))
+        elif _on_object_store(item) and Path(item).suffix.lower() not in VIDEO_EXTENSIONS | LIST_EXTENSIONS:
+            folders.append(item.rstrip("/"))
     return folders
 
 
@@ -76,9 +86,11 @@ def _expand(item: str) -> list[str]:
             raise InputError(_missing("input", path))
         return [str(path)]
     if suffix in LIST_EXTENSIONS:
-        with fsspec.open(item, "rt") as f:
+        with _remote_errors(item), fsspec.open(item, "rt") as f:
             return _read_list(f.read(), item.rsplit("/", 1)[0])
-    return [item]  # a single remote URI; unreadable ones are reported per source at run time
+    if suffix in VIDEO_EXTENSIONS or not _on_object_store(item):
+        return [item]  # a single remote file; unreadable ones are reported per source at run time
+    return _walk_remote(item)
 
 
 def _missing(what: str, path: Path) -> str:
@@ -116,6 +128,39 @@ def _walk(folder: str, walking: frozenset) -> list[str]:
     return found
 
 
+def _on_object_store(uri: str) -> bool:
+    # Where a URI not named like a file is a folder (a prefix) to list; an http:// one is not.
+    return uri.split("://", 1)[0] in OBJECT_STORES
+
+
+def _walk_remote(item: str) -> list[str]:
+    """Video files under the remote folder `item`; `item` itself when it names a file, or
+    names nothing and has no trailing `/` (then it is a source that fails, with the reason)."""
+    with _remote_errors(item):
+        fs, path = fsspec.core.url_to_fs(item)
+        found = fs.find(path.rstrip("/"), detail=True)
+    if not item.endswith("/") and (not found or list(found) == [path.rstrip("/")]):
+        return [item]
+    return [fs.unstrip_protocol(p) for p, info in sorted(found.items())
+            if info["type"] == "file" and os.path.splitext(p)[1].lower() in VIDEO_EXTENSIONS]
+
+
+@contextlib.contextmanager
+def _remote_errors(item: str) -> Iterator[None]:
+    """A remote input that cannot be listed or read is one line naming it."""
+    try:
+        yield
+    except ImportError:
+        raise InputError(f"input {item}: needs the filesystem for {item.split('://')[0]}:// "
+                         "(for s3://: pip install 'bricks[s3]')") from None
+    except FileNotFoundError as exc:
+        raise InputError(f"input {item}: not found ({exc})") from None
+    except PermissionError as exc:
+        raise InputError(f"input {item}: access denied ({exc})") from None
+    except unreachable_errors() as exc:
+        raise InputError(f"input {item}: cannot reach the object store: {exc}") from None
+
+
 def _identity(folder: str) -> tuple[int, int]:
     stat = os.stat(folder)
     return stat.st_dev, stat.st_ino
@@ -125,8 +170,10 @@ def _glob(pattern: str) -> list[str]:
     if is_local(pattern):
         return [p for p in sorted(glob.glob(local_path(pattern), recursive=True))
                 if os.path.isfile(p) or (os.path.islink(p) and not os.path.exists(p))]
-    fs, _, paths = fsspec.get_fs_token_paths(pattern)
-    return [fs.unstrip_protocol(p) for p in sorted(paths)]
+    with _remote_errors(pattern):
+        fs, path = fsspec.core.url_to_fs(pattern)
+        found = fs.glob(path, detail=True)
+    return [fs.unstrip_protocol(p) for p, info in sorted(found.items()) if info["type"] == "file"]
 
 
 def _read_list(text: str, base: str) -> list[str]:

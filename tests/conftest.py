@@ -16,6 +16,8 @@ import yaml
 
 from bricks.common.synthetic import ShotSpec, generate_corpus, write_video
 
+from s3_server import s3, s3_server  # noqa: F401 (fixtures: a local S3 endpoint and a bucket on it)
+
 CPU_PROCESS = yaml.safe_load((Path(__file__).parents[1] / "recipes" / "brickfilm_cpu.yaml").read_text())["process"]
 
 

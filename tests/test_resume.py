@@ -40,13 +40,13 @@ def test_kill_9_then_rerun_matches_a_clean_run(tmp_path, corpus):
     videos = copies(tmp_path, corpus, 8)
     killed = write_recipe(tmp_path, PROCESS, input=videos, output=tmp_path / "killed",
                           executor={"rows_per_shard": 1})
-    ledger = tmp_path / "killed" / "_state" / "commits.jsonl"
+    ledger = tmp_path / "killed" / "_state" / "commits"
     proc = subprocess.Popen(cli(killed), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    while proc.poll() is None and not (ledger.exists() and len(ledger.read_text().splitlines()) >= 2):
+    while proc.poll() is None and len(list(ledger.glob("*.json"))) < 2:
         time.sleep(0.01)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    done_before = len(ledger.read_text().splitlines())
+    done_before = len(list(ledger.glob("*.json")))
     assert 2 <= done_before < 8, "the run should have been killed part-way"
 
     assert subprocess.run(cli(killed), capture_output=True).returncode == 0
@@ -63,17 +63,19 @@ def test_kill_9_then_rerun_matches_a_clean_run(tmp_path, corpus):
         sorted(read_rejects(tmp_path / "clean").column("sample_id").to_pylist())
 
 
-def test_partial_files_and_torn_ledger_lines_are_discarded(tmp_path, corpus):
+def test_partial_files_and_uncommitted_parts_are_discarded(tmp_path, corpus):
     recipe = write_recipe(tmp_path, [{"shot_split": {}}], input=corpus[0], executor={"rows_per_shard": 1})
     assert subprocess.run(cli(recipe), capture_output=True).returncode == 0
     out = tmp_path / "out"
-    ledger = out / "_state" / "commits.jsonl"
-    lines = ledger.read_text().splitlines()
-    # Killed while appending the last commit's ledger line: the line is torn and the commit's
-    # files are still under their temporary names. A temporary file of an earlier version too.
+    objects = sorted((out / "_state" / "commits").glob("*.json"))
+    lines = [path.read_text() for path in objects]
+    # Killed before the last commit's ledger object was written: the commit's files are still
+    # under their staged and temporary names. A temporary file of an earlier version too.
     last = json.loads(lines[-1])
-    ledger.write_text("\n".join(lines[:-1]) + "\n" + lines[-1][: len(lines[-1]) // 2])
-    for name in [s["file"] for s in last["shards"]] + last["reject_files"]:
+    objects[-1].unlink()
+    for shard in last["shards"]:
+        (out / shard["file"]).rename(out / shard["staged"])
+    for name in last["reject_files"]:
         (out / name).rename(out / name.replace("/", "/.", 1).replace(".parquet", ".parquet.bricks-tmp"))
     (out / "shards" / ".part-00099.parquet.tmp").write_bytes(b"partial")
     assert subprocess.run(cli(recipe), capture_output=True).returncode == 0
