@@ -1,23 +1,25 @@
 """Model operators' stages: CPU pre-processing, then batched inference in a pool of actors.
 
-Both work on the per-source result tables (see `runners`): rows still kept carry the frames
+Both work on the per-source result tables (see `rows`): rows still kept carry the frames
 their model operators asked for (`_frames`, served in the decode pass). `preprocess_table`
 turns them into model inputs (`_inputs`) in a CPU stage of its own; `ModelActor` loads the
-model once and runs `infer_table` on batches. Rows are never added or removed, only marked
-dropped or failed, so every sample stays accounted for.
+model once and runs `infer_table` on batches. Only the rows a model works on are converted to
+Python, and only the columns it writes are rebuilt. Rows are never added or removed, only
+marked dropped or failed, so every sample stays accounted for.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import pickle
 import time
 from typing import Any
 
 import pyarrow as pa
 
 from bricks.common.weights import warn_tiny
+
+from . import rows
 from .operator import FatalModelError, ModelOperator
 from .plan import Plan, Step
 from .schema import BASE_COLUMNS, fit_columns, scores_json
@@ -47,94 +49,80 @@ class DeviceError(RuntimeError):
     pass
 
 
-def ray_resources(op: ModelOperator) -> dict[str, float]:
-    return {"num_gpus": 0.0 if op.params.device == "cpu" else op.params.num_gpus, "num_cpus": op.params.num_cpus}
-
-
-def _rows(table: pa.Table) -> list[dict[str, Any]]:
-    return table.to_pylist()
-
-
-def _table(rows: list[dict[str, Any]], schema: pa.Schema) -> pa.Table:
-    return pa.table({f.name: [row.get(f.name) for row in rows] for f in schema}, schema=schema)
-
-
-def _sample(row: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in row.items() if not k.startswith("_")}
-
-
-def preprocess_table(table: pa.Table, step: Step, schema: pa.Schema) -> pa.Table:
+def preprocess_table(table: pa.Table, step: Step, shard: pa.Schema) -> pa.Table:
     """CPU stage: frames to model inputs. A sample whose inputs cannot be made fails alone."""
-    rows = _rows(table)
-    for row in rows:
-        if row["_status"] != "kept" or row.get("_frames") is None:
-            continue
-        frames = pickle.loads(row["_frames"]).get(step.label)
-        if frames is None:
-            continue
+    kept = [i for i, is_kept in enumerate(rows.is_kept(table).to_pylist()) if is_kept]
+    cells = table.column("_frames").take(pa.array(kept, pa.int64())).to_pylist()  # the kept rows' frames only
+    served = {i: rows.decode_frames(cell, step.label) for i, cell in zip(kept, cells)}
+    todo = [i for i in kept if served[i] is not None]
+    inputs, marks = {}, {}
+    for i, sample in zip(todo, rows.samples(table, todo, shard)):
         try:
-            row["_inputs"] = pickle.dumps(step.op.preprocess(_sample(row), frames))
+            inputs[i] = rows.pickled(step.op.preprocess(sample, served[i]))
         except Exception as exc:
-            _reject(row, step, "failed", f"pre-processing: {type(exc).__name__}: {exc}")
-    return _table(rows, schema)
+            marks[i] = (rows.FAILED, step.label, f"pre-processing: {type(exc).__name__}: {exc}", None)
+    table = rows.set_values(table, "_inputs", list(inputs), list(inputs.values()))
+    return rows.mark(table, marks)
 
 
-def infer_table(table: pa.Table, step: Step, schema: pa.Schema, last: bool) -> pa.Table:
+def infer_table(table: pa.Table, step: Step, shard: pa.Schema, last: bool) -> pa.Table:
     """Actor stage: batched inference; a failing batch is retried one sample at a time."""
     op: ModelOperator = step.op
-    rows = _rows(table)
-    todo = [row for row in rows if row["_status"] == "kept" and row.get("_inputs") is not None]
+    inputs_column = table.column("_inputs").to_pylist()
+    kept = rows.is_kept(table).to_pylist()
+    todo = [i for i, data in enumerate(inputs_column) if kept[i] and data is not None]
+    seconds = table.column("_model_seconds").to_pylist()
+    marks: dict[int, tuple] = {}
+    updates: dict[str, dict[int, Any]] = {}
+    samples = dict(zip(todo, rows.samples(table, todo, shard)))
     for start in range(0, len(todo), op.params.batch_size):
         batch = todo[start:start + op.params.batch_size]
         began = time.perf_counter()
-        inputs = [pickle.loads(row["_inputs"]) for row in batch]
-        try:
-            outputs = op.infer(inputs)
-        except FatalModelError:
-            raise
-        except Exception:
-            outputs = []
-            for row, one in zip(batch, inputs):
-                try:
-                    outputs.append(op.infer([one])[0])
-                except FatalModelError:
-                    raise
-                except Exception as exc:
-                    outputs.append(exc)
+        outputs = _infer(op, [rows.unpickled(inputs_column[i]) for i in batch])
         share = (time.perf_counter() - began) / len(batch)
-        for row, output in zip(batch, outputs):
-            seconds = json.loads(row.get("_model_seconds") or "{}")
-            seconds[step.label] = seconds.get(step.label, 0.0) + share
-            row["_model_seconds"] = json.dumps(seconds)
+        for i, output in zip(batch, outputs):
+            spent = json.loads(seconds[i] or "{}")
+            spent[step.label] = spent.get(step.label, 0.0) + share
+            seconds[i] = json.dumps(spent)
             if isinstance(output, Exception):
-                _reject(row, step, "failed", f"{type(output).__name__}: {output}")
+                marks[i] = (rows.FAILED, step.label, f"{type(output).__name__}: {output}", None)
                 continue
-            _decide(row, step, output)
-    for row in rows:
-        row["_inputs"] = None
-        if last:
-            row["_frames"] = None
-    return _table(rows, schema)
+            try:
+                # Checked before the row takes them: a value its column cannot hold fails this
+                # sample, not the Arrow conversion of the batch.
+                fields = fit_columns(op.apply(samples[i], output), {**BASE_COLUMNS, **op.outputs}, op.name)
+                reason = rows.verdict(op, fields)
+            except Exception as exc:
+                marks[i] = (rows.FAILED, step.label, f"{type(exc).__name__}: {exc}", None)
+                continue
+            for name, value in fields.items():
+                updates.setdefault(name, {})[i] = value
+            if reason is not None:
+                marks[i] = (rows.DROPPED, step.label, reason, scores_json(fields))
+    for name, values in updates.items():
+        table = rows.set_values(table, name, list(values), list(values.values()))
+    table = rows.set_values(table, "_model_seconds", todo, [seconds[i] for i in todo])
+    table = rows.clear(rows.mark(table, marks), "_inputs")
+    return rows.clear(table, "_frames") if last else table
 
 
-def _decide(row: dict[str, Any], step: Step, output: Any) -> None:
-    op: ModelOperator = step.op
+def _infer(op: ModelOperator, inputs: list[Any]) -> list[Any]:
+    """The model's outputs for `inputs`; where the batch fails, each sample is tried alone and
+    one that still fails gets its exception as its output."""
     try:
-        # Checked before the row takes them: a value its column cannot hold fails this sample,
-        # not the Arrow conversion of the batch.
-        fields = fit_columns(op.apply(_sample(row), output), {**BASE_COLUMNS, **op.outputs}, op.name)
-        row.update(fields)
-        decision = op.keep(fields)
-    except Exception as exc:
-        _reject(row, step, "failed", f"{type(exc).__name__}: {exc}")
-        return
-    if decision is not True:
-        _reject(row, step, "dropped", decision if isinstance(decision, str) else f"rejected by {op.name}",
-                scores_json(fields))
-
-
-def _reject(row: dict[str, Any], step: Step, status: str, reason: str, scores: str | None = None) -> None:
-    row.update(_status=status, _op=step.label, _reason=reason, _scores=scores)
+        return op.infer(inputs)
+    except FatalModelError:
+        raise
+    except Exception:
+        outputs = []
+        for one in inputs:
+            try:
+                outputs.append(op.infer([one])[0])
+            except FatalModelError:
+                raise
+            except Exception as exc:
+                outputs.append(exc)
+        return outputs
 
 
 class ModelActor:
@@ -146,11 +134,10 @@ class ModelActor:
         self.plan = plan
         self.step = plan.model_steps[index]
         self.last = index == len(plan.model_steps) - 1
-        self.schema = _result_schema(plan)
         load_model(self.step.op)
 
     def __call__(self, table: pa.Table) -> pa.Table:
-        return infer_table(table, self.step, self.schema, self.last)
+        return infer_table(table, self.step, self.plan.schema, self.last)
 
 
 def load_model(op: ModelOperator) -> None:
@@ -160,9 +147,3 @@ def load_model(op: ModelOperator) -> None:
         if op.tiny_preset:
             warn_tiny(op.name)
         ModelActor.loads += 1
-
-
-def _result_schema(plan: Plan) -> pa.Schema:
-    from .runners import result_schema
-
-    return result_schema(plan)

@@ -48,11 +48,12 @@ def _number(value: float) -> str:
 
 @dataclass(frozen=True)
 class Resources:
-    """What one instance of the operator needs; fractional GPUs are allowed."""
+    """What one instance of the operator needs; fractions are allowed. The runner reserves the
+    largest of the per-source operators' for each source's task, and a model operator's for
+    each actor of its pool (model operators derive theirs from their parameters)."""
 
     cpus: float = 1.0
     gpus: float = 0.0
-    batch_size: int = 1
 
 
 @dataclass(frozen=True)
@@ -208,6 +209,11 @@ class ModelOperator(Operator):
 
     Params = ModelParams
     model: Any = None
+
+    @property
+    def resources(self) -> Resources:  # per actor
+        p = self.params
+        return Resources(cpus=p.num_cpus, gpus=0.0 if p.device == "cpu" else p.num_gpus)
 
     def model_files(self) -> list:
         """`bricks.common.weights.ModelFile`s this operator loads (none for tiny presets)."""

@@ -1,7 +1,7 @@
 """The output: Parquet shards, the rejects table, the commit ledger and the manifest, in a
 local folder or under a prefix on an object store (`s3://BUCKET/PREFIX`; see `store`).
 
-    OUT/shards/part-NNNNN[-KKK].parquet   kept samples (zstd), one file per staged part
+    OUT/shards/part-NNNNNN.parquet        kept samples (zstd), one file per staged part, numbered in order
     OUT/rejects/part-NNNNN.parquet        every dropped or failed source or sample, with op and reason
     OUT/_state/commits/NNNNN.json         the ledger: one object per commit, its files and sources
     OUT/_state/run.json                   the recipe key the output belongs to
@@ -34,6 +34,7 @@ import json
 import os
 import re
 import uuid
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -94,6 +95,7 @@ class Progress:
     frames_decoded: int = 0
     decode_seconds: float = 0.0
     skipped_packets: dict[str, int] = field(default_factory=dict)  # per source, where any were
+    nodes: dict[str, int] = field(default_factory=dict)  # sources processed per node (Ray node id or host)
 
     def record(self, entry: dict[str, Any]) -> None:
         self.done_sources.update(entry["sources"])
@@ -107,6 +109,8 @@ class Progress:
         self.frames_decoded += entry["frames_decoded"]
         self.decode_seconds += entry["decode_seconds"]
         self.skipped_packets.update(entry.get("skipped_packets", {}))
+        for node, count in entry.get("nodes", {}).items():
+            self.nodes[node] = self.nodes.get(node, 0) + count
 
 
 @dataclass
@@ -386,8 +390,10 @@ class ShardWriter:
             return
         part = self.progress.next_part
         rejects = pa.concat_tables(self.rejects) if self.rejects else rejects_schema().empty_table()
-        shards = [{"file": f"shards/part-{part:05d}.parquet" if k == 0 else f"shards/part-{part:05d}-{k:03d}.parquet",
-                   "staged": p["staged"], "rows": p["rows"], "bytes": p["bytes"]} for k, p in enumerate(self.parts)]
+        # Numbered across commits, so that the files' names sort in the order of their rows.
+        first = len(self.progress.shards)
+        shards = [{"file": f"shards/part-{first + k:06d}.parquet", "staged": p["staged"], "rows": p["rows"],
+                   "bytes": p["bytes"]} for k, p in enumerate(self.parts)]
         with store_errors(self.store):
             reject_files = []
             if rejects.num_rows:
@@ -421,4 +427,5 @@ class ShardWriter:
             "frames_decoded": sum(s["frames_decoded"] for s in self.stats),
             "decode_seconds": round(sum(s["decode_seconds"] for s in self.stats), 4),
             "skipped_packets": {s["uri"]: s["skipped_packets"] for s in self.stats if s.get("skipped_packets")},
+            "nodes": dict(Counter(s["node"] for s in self.stats if s.get("node"))),
         }

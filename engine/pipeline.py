@@ -27,7 +27,8 @@ from .live_frames import frame_counter
 from .operator import FanOut, Filter, Frames, FrameRequest, Mapper, Sample
 from .plan import Plan, Step
 from .samples import Drop, Dropped, SourceContext, clip_of
-from .schema import BASE_COLUMNS, ColumnTypeError, fit_columns, scores_json
+from .rows import DROPPED, FAILED, KEPT, reject_record, verdict
+from .schema import BASE_COLUMNS, ColumnTypeError, fit_columns
 
 
 def segmenter_frame(reformatter: VideoReformatter, frame: av.VideoFrame, rotation: int,
@@ -83,22 +84,16 @@ class SourceResult:
 
     def reject(self, sample: Sample | None, step: str, status: str, reason: str,
                scores: dict[str, Any] | None = None) -> None:
-        sample = sample or {}
-        self.rejects.append({
-            "sample_id": sample.get("sample_id"), "kind": sample.get("kind", "source"),
-            "source_uri": self.uri, "start_frame": sample.get("start_frame"),
-            "end_frame": sample.get("end_frame"), "status": status, "op": step,
-            "reason": reason, "scores": scores_json(scores or {}),
-        })
+        self.rejects.append(reject_record(self.uri, sample, step, status, reason, scores))
 
     @property
     def status(self) -> str:
         """The source's own outcome: kept if any sample survived, else dropped or failed."""
         if self.kept:
-            return "kept"
-        if any(r["status"] == "failed" for r in self.rejects):
-            return "failed"
-        return "dropped"
+            return KEPT
+        if any(r["status"] == FAILED for r in self.rejects):
+            return FAILED
+        return DROPPED
 
     def stats(self) -> dict[str, Any]:
         return {
@@ -143,9 +138,9 @@ def apply_step(step: Step, sample: Sample, frames: FrameSource, ctx: SourceConte
             scores = _returned_dict(op.score(sample, served), f"{op.name}.score")
             scores = fit_columns(scores, columns, op.name)
             sample.update(scores)
-            decision = op.keep(scores)
-            if decision is not True:
-                raise Drop(decision if isinstance(decision, str) else f"rejected by {op.name}")
+            reason = verdict(op, scores)
+            if reason is not None:
+                raise Drop(reason)
             out = [sample]
         elif isinstance(op, FanOut):
             out, dropped_children, failed_children = [], 0, 0
@@ -153,14 +148,14 @@ def apply_step(step: Step, sample: Sample, frames: FrameSource, ctx: SourceConte
             for child in op.split(sample, served):
                 if isinstance(child, Dropped):
                     ctx.finalize(child.sample)
-                    result.reject(child.sample, step.label, "dropped", child.reason)
+                    result.reject(child.sample, step.label, DROPPED, child.reason)
                     dropped_children += 1
                     continue
                 child = ctx.finalize(_returned_dict(child, f"{op.name}.split"))
                 try:
                     child.update(fit_columns(_changed(before, child), columns, op.name))
                 except ColumnTypeError as exc:  # that child fails, its siblings go on
-                    result.reject(child, step.label, "failed", str(exc))
+                    result.reject(child, step.label, FAILED, str(exc))
                     failed_children += 1
                     continue
                 out.append(child)
@@ -176,15 +171,15 @@ def apply_step(step: Step, sample: Sample, frames: FrameSource, ctx: SourceConte
         else:
             raise TypeError(f"{type(op).__name__} is not a Mapper, Filter or FanOut")
     except Drop as drop:
-        result.reject(sample, step.label, "dropped", str(drop), scores)
+        result.reject(sample, step.label, DROPPED, str(drop), scores)
         stats.dropped += 1
         out = []
     except ColumnTypeError as exc:  # the engine's own check: no traceback location to add
-        result.reject(sample, step.label, "failed", str(exc), scores)
+        result.reject(sample, step.label, FAILED, str(exc), scores)
         stats.failed += 1
         out = []
     except Exception as exc:  # one bad sample must not stop the source
-        result.reject(sample, step.label, "failed", _describe(exc), scores)
+        result.reject(sample, step.label, FAILED, _describe(exc), scores)
         stats.failed += 1
         out = []
     stats.seconds += time.perf_counter() - started
@@ -212,8 +207,8 @@ def attach_model_frames(sample: Sample, plan: Plan, frames: FrameSource, result:
             if step.op.applies_to(sample):
                 attached[step.label] = [frames.serve(sample, req) for req in step.op.frame_requests()]
     except Exception as exc:
-        result.reject(sample, plan.model_steps[0].label, "failed", f"frames for model operators: {_describe(exc)}")
-        sample["_status"] = "failed"
+        result.reject(sample, plan.model_steps[0].label, FAILED, f"frames for model operators: {_describe(exc)}")
+        sample["_status"] = FAILED
         return
     if attached:
         sample["_frames"] = attached
@@ -224,18 +219,18 @@ def process_source(plan: Plan, uri: str) -> SourceResult:
     try:
         info = probe(uri)
     except SourceError as exc:
-        result.reject(None, "read", "failed", str(exc))
+        result.reject(None, "read", FAILED, str(exc))
         return result
     except Exception as exc:
-        result.reject(None, "read", "failed", _describe(exc))
+        result.reject(None, "read", FAILED, _describe(exc))
         return result
     limits = plan.limits
     if info.width * info.height > limits.max_pixels:
-        result.reject(None, "limits", "dropped",
+        result.reject(None, "limits", DROPPED,
                       f"frame size {info.width}x{info.height} exceeds limits.max_pixels={limits.max_pixels}")
         return result
     if info.duration > limits.max_duration:
-        result.reject(None, "limits", "dropped",
+        result.reject(None, "limits", DROPPED,
                       f"duration {info.duration:.0f}s exceeds limits.max_duration={limits.max_duration:.0f}s")
         return result
     ctx = SourceContext(info, plan.recipe_key)
@@ -248,7 +243,7 @@ def process_source(plan: Plan, uri: str) -> SourceResult:
     try:
         _decode_pass(plan, sources[0], ctx, result)
     except Exception as exc:  # e.g. a segmenter bug: the source fails, the run goes on
-        result.reject(None, "decode", "failed", _describe(exc))
+        result.reject(None, "decode", FAILED, _describe(exc))
     return result
 
 
@@ -308,7 +303,7 @@ class _ShotRunner:
             kept = run_steps(samples, steps, frames, ctx, self.result)
             for sample in kept:
                 attach_model_frames(sample, self.plan, frames, self.result)
-            self.result.kept.extend(s for s in kept if s.get("_status") != "failed")
+            self.result.kept.extend(s for s in kept if s.get("_status") != FAILED)
         finally:
             fallback.close()
         self.result.frames_decoded += fallback.frames_decoded
@@ -406,7 +401,7 @@ def _decode_and_cut(plan: Plan, source: Sample, ctx: SourceContext, result: Sour
     except DecodeError as exc:
         error = exc
     except SourceError as exc:
-        result.reject(None, "decode", "failed", str(exc))
+        result.reject(None, "decode", FAILED, str(exc))
         return
     result.skipped_packets += decode_stats.skipped_packets
     num_frames = len(ctx.times)
@@ -414,10 +409,10 @@ def _decode_and_cut(plan: Plan, source: Sample, ctx: SourceContext, result: Sour
     elapsed = time.perf_counter() - started
     result.decode_seconds += elapsed - (shots.waited if shots else 0.0) - (seg_stats.seconds if seg_stats else 0.0)
     if num_frames == 0:
-        result.reject(None, "decode", "failed", str(error) if error else "no frames could be decoded")
+        result.reject(None, "decode", FAILED, str(error) if error else "no frames could be decoded")
         return
     if error is not None:
-        result.reject({"kind": "source", "start_frame": error.index}, "decode", "failed",
+        result.reject({"kind": "source", "start_frame": error.index}, "decode", FAILED,
                       f"{error}; the frames before it were processed")
     if tracker is None:
         shots.close(num_frames, whole_source=True)

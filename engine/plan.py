@@ -14,8 +14,9 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 
-from .operator import FanOut, ModelOperator, Operator, Segmenter
+from .operator import FanOut, ModelOperator, Operator, Resources, Segmenter
 from .recipe import ExecutorConfig, LimitsConfig, Recipe, RecipeError
+from .rows import result_schema
 from .schema import SCHEMA_VERSION, shard_schema
 
 
@@ -42,6 +43,11 @@ class Plan:
     limits: LimitsConfig
 
     @property
+    def result_schema(self) -> pa.Schema:
+        """The shard columns and the row bookkeeping of `rows`."""
+        return result_schema(self.schema)
+
+    @property
     def post_needs_frames(self) -> bool:
         return any(step.op.needs_frames for step in self.post + self.model_steps)
 
@@ -59,9 +65,17 @@ class Plan:
         return max(sizes)
 
     @property
-    def cpus_per_source(self) -> float:
-        declared = [step.op.resources.cpus for step in self.steps]
-        return self.executor.cpus_per_source or max(declared, default=1.0)
+    def source_steps(self) -> list[Step]:
+        """The steps that run in each source's task (model operators run in actor pools)."""
+        return self.pre + ([self.segmenter] if self.segmenter else []) + self.post
+
+    @property
+    def source_resources(self) -> Resources:
+        """What each source's task reserves: the most any of its operators declares, with
+        `executor.cpus_per_source` overriding the CPUs."""
+        declared = [step.op.resources for step in self.source_steps]
+        cpus = self.executor.cpus_per_source or max((r.cpus for r in declared), default=1.0)
+        return Resources(cpus=cpus, gpus=max((r.gpus for r in declared), default=0.0))
 
     def setup(self) -> None:
         for step in self.steps:

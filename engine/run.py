@@ -2,26 +2,27 @@
 
 from __future__ import annotations
 
-import json
 import platform
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from importlib.metadata import PackageNotFoundError, version
-from pathlib import Path
 from typing import Any, Callable
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from . import plan as plan_mod
+from . import rows
 from .extras import check_plan
 from .inputs import input_folders, list_sources
 from .live_frames import FrameBoard
 from .operator import FatalModelError
-from .output import Progress, ShardWriter, check_location, claim, prepare, write_manifest
+from .output import (OutputError, Progress, ShardWriter, check_location, claim, discard_uncommitted, prepare,
+                     write_manifest)
 from .ray_cluster import cluster_address, init_ray
 from .recipe import Recipe
-from .runners import run_local, run_ray, split_result
+from .runners import run_local, run_ray
 from .schema import SCHEMA_VERSION
 
 # Either build of scenedetect and OpenCV (the headless ones are the dependencies), whichever is here.
@@ -48,42 +49,49 @@ def run(recipe: Recipe, *, overwrite: bool = False, mode: str | None = None,
     `frames`, if given, holds the frames decoded so far in the sources in flight."""
     started = time.time()
     plan, sources = preflight(recipe, mode)
-    out = Path(recipe.model.output)
+    out = recipe.model.output  # text: a local folder or an object-store URI
     with claim(out, input_folders(recipe.model.input)):  # held until the manifest is written
         progress = prepare(out, plan.recipe_key, overwrite)
         todo = [(i, uri) for i, uri in enumerate(sources) if uri not in progress.done_sources]
         if on_start:
             on_start(len(sources), len(sources) - len(todo))
         ex = plan.executor
-        writer = ShardWriter(out, plan.schema, progress, ex.rows_per_shard, ex.shard_mb << 20)
+        writer = ShardWriter(out, progress, ex.rows_per_shard, ex.shard_mb << 20)
         runner = run_ray if (mode or ex.mode) == "ray" else run_local
         pending: dict[int, list[pa.Table]] = {}
-        if todo:
-            for table in _unwrap_fatal(runner(plan, todo, frames)):
-                for index in sorted(set(table.column("_source_index").to_pylist())):
-                    part = table.filter(pa.compute.equal(table.column("_source_index"), index))
-                    pending.setdefault(index, []).append(part)
-                    rows = sum(t.num_rows for t in pending[index])
-                    if rows == part.column("_source_rows")[0].as_py():
+        received = 0  # bytes of row tables the driver was sent (no media: workers write those)
+        try:
+            for table in _unwrap_errors(runner(plan, todo, out, frames) if todo else ()):
+                received += table.nbytes
+                for index in pc.unique(table.column("_source_index")).to_pylist():
+                    piece = table.filter(pc.equal(table.column("_source_index"), index))
+                    pending.setdefault(index, []).append(piece)
+                    if sum(rows.row_count(t) for t in pending[index]) == piece.column("_source_rows")[0].as_py():
                         _complete(plan, writer, pa.concat_tables(pending.pop(index)), on_source)
-        writer.commit()
+            writer.commit()
+        except BaseException:
+            # Sources still in flight staged parts that no commit will name.
+            discard_uncommitted(out)
+            raise
         if pending:
             raise RuntimeError(f"internal error: {len(pending)} sources returned incomplete results")
         manifest = build_manifest(recipe, plan, progress, len(sources), len(sources) - len(todo), started)
+        manifest["driver"] = {"bytes_received": received}
         write_manifest(out, manifest)
     return manifest
 
 
-def _unwrap_fatal(tables):
-    """A model operator's fatal error surfaces as itself, not wrapped by Ray."""
+def _unwrap_errors(tables):
+    """A model operator's fatal error, or a worker's error writing the output, surfaces as
+    itself, not wrapped by Ray."""
     try:
         yield from tables
     except Exception as exc:
         cause = exc
-        while cause is not None and not isinstance(cause, FatalModelError):
+        while cause is not None and not isinstance(cause, (FatalModelError, OutputError)):
             cause = getattr(cause, "cause", None) or cause.__cause__
-        if cause is not None:
-            raise FatalModelError(str(cause).splitlines()[0]) from exc
+        if cause is not None and cause is not exc:
+            raise type(cause)(str(cause).splitlines()[0]) from exc
         raise
 
 
@@ -96,7 +104,7 @@ def preflight(recipe: Recipe, mode: str | None = None) -> tuple[plan_mod.Plan, l
     check_plan(plan, recipe.source)
     check_models(plan)
     sources = list_sources(recipe.model.input)
-    check_location(Path(recipe.model.output), input_folders(recipe.model.input))
+    check_location(recipe.model.output, input_folders(recipe.model.input))
     if (mode or plan.executor.mode) == "ray" and cluster_address(plan.executor):
         init_ray(plan.executor)
     return plan, sources
@@ -115,32 +123,16 @@ def check_models(plan) -> None:
 
 
 def _complete(plan, writer: ShardWriter, table: pa.Table, on_source) -> None:
-    stats_cell = next(s for s in table.column("_stats").to_pylist() if s is not None)
-    stats = json.loads(stats_cell)
+    stats = rows.source_stats(table)
     if plan.model_steps:
-        _add_model_stats(plan, table, stats)
-    kept, rejects = split_result(plan, table)
-    writer.add(stats["uri"], kept, rejects, stats)
+        rows.add_model_stats([s.label for s in plan.model_steps], table, stats)
+    kept, rejects, parts = rows.split(table, plan.schema)
+    if kept.num_rows:
+        raise RuntimeError("internal error: kept rows reached the driver unwritten")
+    writer.add(stats["uri"], parts, rejects, stats)
     if on_source:
-        on_source(SourceDone(stats["uri"], stats["status"], kept.num_rows, rejects.num_rows,
+        on_source(SourceDone(stats["uri"], stats["status"], sum(p["rows"] for p in parts), rejects.num_rows,
                              stats["frames_decoded"]))
-
-
-def _add_model_stats(plan, table: pa.Table, stats: dict[str, Any]) -> None:
-    """Model operators only mark rows: count them from the rows of the finished source."""
-    rows = table.select(["_status", "_op", "_model_seconds"]).to_pylist()
-    labels = [s.label for s in plan.model_steps]
-    for k, label in enumerate(labels):
-        later = set(labels[k:])
-        reached = [r for r in rows if r["_status"] == "kept" or (r["_op"] in later)]
-        dropped = sum(1 for r in rows if r["_op"] == label and r["_status"] == "dropped")
-        failed = sum(1 for r in rows if r["_op"] == label and r["_status"] == "failed")
-        seconds = sum(json.loads(r["_model_seconds"] or "{}").get(label, 0.0) for r in rows)
-        stats["ops"][label] = {"in": len(reached), "out": len(reached) - dropped - failed,
-                               "dropped": dropped, "failed": failed, "seconds": round(seconds, 4)}
-    # A source whose samples all fell to model operators is dropped (or failed), not kept.
-    if not any(r["_status"] == "kept" for r in rows) and stats["status"] == "kept":
-        stats["status"] = "failed" if any(r["_status"] == "failed" for r in rows) else "dropped"
 
 
 def build_manifest(recipe: Recipe, plan, progress: Progress, total: int, resumed: int,
@@ -159,7 +151,8 @@ def build_manifest(recipe: Recipe, plan, progress: Progress, total: int, resumed
         "versions": _versions(),
         "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "elapsed_seconds": round(time.time() - started, 3),
-        "sources": {"total": total, "done": len(progress.done_sources), "skipped_as_done": resumed, **status},
+        "sources": {"total": total, "done": len(progress.done_sources), "skipped_as_done": resumed, **status,
+                    "by_node": dict(sorted(progress.nodes.items()))},
         "accounted": sum(status.values()) == len(progress.done_sources),
         "samples": dict(progress.samples, total=sum(progress.samples.values())),
         "rejects": progress.rejects,

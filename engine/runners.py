@@ -1,8 +1,9 @@
 """Runners: where `process_source` runs. In-process (debugging, tests) or on Ray Data.
 
-Both yield the same thing, one Arrow table per source: its kept samples and its rejects as
-rows, with `_`-prefixed bookkeeping columns (source index, row count, status, reason, stats),
-so Ray and in-process runs produce identical shards.
+Both yield the same thing, tables of rows (see `rows`) for the driver to commit, so Ray and
+in-process runs produce identical shards. Kept rows never reach the driver: the worker that
+holds them last (the source's task, or the last model stage) writes them to staged shard
+files (`write_kept`), and only the files' names and row counts travel on.
 """
 
 from __future__ import annotations
@@ -10,83 +11,77 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import pickle
+import socket
+import sys
 import warnings
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Iterator
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
-from .model_stage import ModelActor, preprocess_table, ray_resources
-from .pipeline import SourceResult, process_source
+from . import rows
 from .live_frames import FrameBoard, Sink, mirrored_from_ray, reporting
+from .model_stage import ModelActor, preprocess_table
+from . import output
+from .pipeline import process_source
 from .plan import Plan
 from .ray_cluster import init_ray
-from .schema import REJECT_COLUMNS
 
 log = logging.getLogger("bricks")
 
-INTERNAL = {
-    "_source_index": pa.int64(),
-    "_source_rows": pa.int64(),
-    "_status": pa.string(),
-    "_op": pa.string(),
-    "_reason": pa.string(),
-    "_scores": pa.string(),
-    "_stats": pa.string(),
-    "_frames": pa.binary(),  # pickled frames for the model operators still to run
-    "_inputs": pa.binary(),  # pickled model inputs, between pre-processing and inference
-    "_model_seconds": pa.string(),  # JSON: seconds per model operator spent on this row
-}
+
+def node_id() -> str:
+    """The Ray node this process runs on, or this host's name outside Ray."""
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        return ray.get_runtime_context().get_node_id()
+    return socket.gethostname()
 
 
-def result_schema(plan: Plan) -> pa.Schema:
-    return pa.schema(list(plan.schema) + [pa.field(n, t) for n, t in INTERNAL.items()])
-
-
-def result_table(plan: Plan, index: int, result: SourceResult) -> pa.Table:
-    rows = []
-    for sample in result.kept:
-        row = dict(sample, _status="kept")
-        if sample.get("_frames"):
-            row["_frames"] = pickle.dumps(sample["_frames"])
-        rows.append(row)
-    for r in result.rejects:
-        rows.append({
-            "sample_id": r["sample_id"], "kind": r["kind"], "source_uri": r["source_uri"],
-            "start_frame": r["start_frame"], "end_frame": r["end_frame"], "_status": r["status"],
-            "_op": r["op"], "_reason": r["reason"], "_scores": r["scores"],
-        })
-    if not rows:  # e.g. every sample went through an operator that keeps nothing
-        rows.append({"source_uri": result.uri, "kind": "source", "_status": "dropped",
-                     "_op": "pipeline", "_reason": "no samples were produced"})
-    for row in rows:
-        row["_source_index"] = index
-        row["_source_rows"] = len(rows)
-    rows[0]["_stats"] = json.dumps(dict(result.stats(), uri=result.uri))
-    schema = result_schema(plan)
-    return pa.table({f.name: [row.get(f.name) for row in rows] for f in schema}, schema=schema)
-
-
-def split_result(plan: Plan, table: pa.Table) -> tuple[pa.Table, pa.Table]:
-    """(kept rows in the shard schema, reject rows in the rejects schema)."""
-    status = table.column("_status")
-    kept_mask = pa.compute.equal(status, "kept")
-    kept = table.filter(kept_mask).select(plan.schema.names).cast(plan.schema)
-    rej = table.filter(pa.compute.invert(kept_mask))
-    rejects = pa.table({
-        "sample_id": rej.column("sample_id"), "kind": rej.column("kind"),
-        "source_uri": rej.column("source_uri"), "start_frame": rej.column("start_frame"),
-        "end_frame": rej.column("end_frame"), "status": rej.column("_status"),
-        "op": rej.column("_op"), "reason": rej.column("_reason"), "scores": rej.column("_scores"),
-    }).cast(pa.schema([pa.field(n, t) for n, t in REJECT_COLUMNS.items()]))
-    return kept, rejects
-
-
-def _process(plan: Plan, index: int, uri: str, frames_to: Sink | None = None) -> pa.Table:
+def _process(plan: Plan, out: str, index: int, uri: str, frames_to: Sink | None = None) -> pa.Table:
     with reporting(frames_to, uri):
-        return result_table(plan, index, process_source(plan, uri))
+        result = process_source(plan, uri)
+    stats = dict(result.stats(), node=node_id())
+    table = rows.source_table(plan.result_schema, index, uri, result.kept, result.rejects, stats)
+    return table if plan.model_steps else write_kept(table, plan, out)
+
+
+def write_kept(table: pa.Table, plan: Plan, out: str) -> pa.Table:
+    """`table` with its kept rows written to staged shard files, one or more per source, each
+    within the shard limits; each file's rows leave the table as one `written` row."""
+    kept = rows.is_kept(table)
+    if not pc.any(kept).as_py():
+        return table
+    rest, written = table.filter(pc.invert(kept)), []
+    kept_rows = table.filter(kept)
+    for index in pc.unique(kept_rows.column("_source_index")).to_pylist():
+        mine = kept_rows.filter(pc.equal(kept_rows.column("_source_index"), index))
+        stats = next((s for s in mine.column("_stats").to_pylist() if s is not None), None)
+        seconds: dict[str, float] = {}
+        for cell in mine.column("_model_seconds").to_pylist():
+            for label, spent in json.loads(cell or "{}").items():
+                seconds[label] = seconds.get(label, 0.0) + spent
+        for k, chunk in enumerate(shard_chunks(mine.select(plan.schema.names).cast(plan.schema), plan)):
+            part = output.stage_part(out, chunk)
+            written.append({"_source_index": index, "_source_rows": mine.column("_source_rows")[0].as_py(),
+                            "_count": chunk.num_rows, "_status": rows.WRITTEN, "_part": json.dumps(part),
+                            "_stats": stats if k == 0 else None,
+                            "_model_seconds": json.dumps(seconds) if k == 0 and seconds else None})
+    schema = plan.result_schema
+    parts = pa.table({f.name: [w.get(f.name) for w in written] for f in schema}, schema=schema)
+    return pa.concat_tables([rest, parts])
+
+
+def shard_chunks(table: pa.Table, plan: Plan) -> list[pa.Table]:
+    """`table` in pieces within `rows_per_shard` and `shard_mb` (one source with very many clips)."""
+    if table.num_rows == 0:
+        return []
+    ex = plan.executor
+    per_row = max(1, table.nbytes // table.num_rows)
+    size = max(1, min(ex.rows_per_shard, (ex.shard_mb << 20) // per_row))
+    return [table.slice(i, size) for i in range(0, table.num_rows, size)]
 
 
 # In-process runs work on this many sources at once: while one source's last shots go
@@ -94,13 +89,13 @@ def _process(plan: Plan, index: int, uri: str, frames_to: Sink | None = None) ->
 LOCAL_SOURCES_IN_FLIGHT = 2
 
 
-def run_local(plan: Plan, sources: list[tuple[int, str]], board: FrameBoard | None = None) -> Iterator[pa.Table]:
+def run_local(plan: Plan, sources: list[tuple[int, str]], out: str,
+              board: FrameBoard | None = None) -> Iterator[pa.Table]:
     # Each source in flight has operators of its own, as each Ray worker has, so that no
     # operator instance ever sees two sources at once.
     plans = [plan] + [copy.deepcopy(plan) for _ in range(LOCAL_SOURCES_IN_FLIGHT - 1)]
     for each in plans:
         each.setup()
-    schema = result_schema(plan)
     actors = [ModelActor(plan, k) for k in range(len(plan.model_steps))]
     queued = iter(enumerate(sources))
     pending: deque[Future] = deque()
@@ -111,7 +106,7 @@ def run_local(plan: Plan, sources: list[tuple[int, str]], board: FrameBoard | No
             if item is not None:
                 # Source k is submitted once source k - IN_FLIGHT is done, so its plan is free.
                 k, (index, uri) = item
-                pending.append(pool.submit(_process, plans[k % len(plans)], index, uri, board))
+                pending.append(pool.submit(_process, plans[k % len(plans)], out, index, uri, board))
 
         try:
             for _ in plans:
@@ -120,29 +115,30 @@ def run_local(plan: Plan, sources: list[tuple[int, str]], board: FrameBoard | No
                 table = pending.popleft().result()
                 submit_next()
                 for step, actor in zip(plan.model_steps, actors):
-                    table = actor(preprocess_table(table, step, schema))
-                yield table
+                    table = actor(preprocess_table(table, step, plan.schema))
+                yield write_kept(table, plan, out) if plan.model_steps else table
         finally:
             for future in pending:  # the caller stopped early: do not start what waits
                 future.cancel()
 
 
-def _ray_batch(batch: pa.Table, plan: Plan, frames_to: Sink | None) -> pa.Table:
+def _ray_batch(batch: pa.Table, plan: Plan, out: str, frames_to: Sink | None) -> pa.Table:
     # Operators' setup is cheap and idempotent for CPU operators; model operators run in
     # actor pools of their own.
     plan.setup()
-    tables = [_process(plan, index, uri, frames_to) for index, uri in
+    tables = [_process(plan, out, index, uri, frames_to) for index, uri in
               zip(batch.column("index").to_pylist(), batch.column("uri").to_pylist())]
     return pa.concat_tables(tables)
 
 
-def run_ray(plan: Plan, sources: list[tuple[int, str]], board: FrameBoard | None = None) -> Iterator[pa.Table]:
+def run_ray(plan: Plan, sources: list[tuple[int, str]], out: str,
+            board: FrameBoard | None = None) -> Iterator[pa.Table]:
     init_ray(plan.executor)  # before `import ray`: some of its settings are read on import
     with mirrored_from_ray(board) as frames_to:
-        yield from _ray_results(plan, sources, frames_to)
+        yield from _ray_results(plan, sources, out, frames_to)
 
 
-def _ray_results(plan: Plan, sources: list[tuple[int, str]], frames_to: Sink | None) -> Iterator[pa.Table]:
+def _ray_results(plan: Plan, sources: list[tuple[int, str]], out: str, frames_to: Sink | None) -> Iterator[pa.Table]:
     import ray
     from ray import cloudpickle
 
@@ -156,15 +152,13 @@ def _ray_results(plan: Plan, sources: list[tuple[int, str]], frames_to: Sink | N
     logging.getLogger("ray.data").setLevel(logging.ERROR)  # its per-run INFO lines would interleave
     items = [{"index": i, "uri": u} for i, u in sources]
     ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items), 4096)))
-    ds = ds.map_batches(_ray_batch, fn_kwargs={"plan": plan, "frames_to": frames_to}, batch_size=1,
-                        batch_format="pyarrow",
-                        num_cpus=plan.cpus_per_source)
-    schema = result_schema(plan)
+    ds = ds.map_batches(_ray_batch, fn_kwargs={"plan": plan, "out": out, "frames_to": frames_to}, batch_size=1,
+                        batch_format="pyarrow", **_ray_resources(plan.source_resources))
     for k, step in enumerate(plan.model_steps):
         # Pre-processing is a CPU stage of its own, so the model's actors never wait on it.
         # Its half CPU also keeps Ray from fusing it into the decode tasks or the actors
         # (fused into an actor pool, decoding would run on `pool_size` workers only).
-        ds = ds.map_batches(preprocess_table, fn_kwargs={"step": step, "schema": schema},
+        ds = ds.map_batches(preprocess_table, fn_kwargs={"step": step, "shard": plan.schema},
                             batch_format="pyarrow", num_cpus=0.5)
         with warnings.catch_warnings():
             # No actor restarts: Ray Data hands its actors their constructor arguments through
@@ -175,5 +169,11 @@ def _ray_results(plan: Plan, sources: list[tuple[int, str]], frames_to: Sink | N
             ds = ds.map_batches(ModelActor, fn_constructor_args=(plan, k), batch_size=step.op.params.batch_size,
                                 batch_format="pyarrow",
                                 compute=ray.data.ActorPoolStrategy(size=step.op.params.pool_size),
-                                max_restarts=0, **ray_resources(step.op))
+                                max_restarts=0, **_ray_resources(step.op.resources))
+    if plan.model_steps:  # the kept rows are written where the last model stage left them
+        ds = ds.map_batches(write_kept, fn_kwargs={"plan": plan, "out": out}, batch_format="pyarrow", num_cpus=0.5)
     yield from ds.iter_batches(batch_size=None, batch_format="pyarrow")
+
+
+def _ray_resources(resources) -> dict[str, float]:
+    return {"num_cpus": resources.cpus, **({"num_gpus": resources.gpus} if resources.gpus else {})}

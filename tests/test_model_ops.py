@@ -9,7 +9,7 @@ import pytest
 
 pytest.importorskip("torch")  # the `models` extra; `make test` installs it
 
-from bricks.engine import models
+from bricks.common import weights as models
 from bricks.engine.model_stage import DeviceError
 from bricks.engine.recipe import RecipeError, from_dict
 from bricks.engine.run import run

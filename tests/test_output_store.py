@@ -130,13 +130,13 @@ def test_a_commit_is_one_ledger_object_naming_staged_and_final_files(where):
     writer.commit()
 
     assert where.keys() == ["_state/commits/00000.json", "_state/commits/00001.json", "_state/run.json",
-                            "rejects/part-00000.parquet", "shards/part-00000-001.parquet",
-                            "shards/part-00000-002.parquet", "shards/part-00000.parquet",
-                            "shards/part-00001.parquet"]
+                            "rejects/part-00000.parquet", "shards/part-000000.parquet",
+                            "shards/part-000001.parquet", "shards/part-000002.parquet",
+                            "shards/part-000003.parquet"]
     first = json.loads(where.read("_state/commits/00000.json"))
     assert first["sources"] == ["/v/a.mp4", "/v/b.mp4"] and first["reject_files"] == ["rejects/part-00000.parquet"]
     assert [(s["file"], s["rows"]) for s in first["shards"]] == [
-        ("shards/part-00000.parquet", 2), ("shards/part-00000-001.parquet", 3), ("shards/part-00000-002.parquet", 1)]
+        ("shards/part-000000.parquet", 2), ("shards/part-000001.parquet", 3), ("shards/part-000002.parquet", 1)]
     assert first["shards"][0]["staged"] == staged[0]["staged"]
     assert first["samples"] == {"video": 6, "image": 0} and first["rejects"] == {"dropped": 1, "failed": 0}
     assert first["frames_decoded"] == 20 and first["source_status"] == {"kept": 2, "dropped": 0, "failed": 0}
@@ -195,7 +195,7 @@ def test_a_commit_killed_at_any_point_resumes_without_loss_or_duplicates(where, 
         assert resumed.done_sources == {"/v/a.mp4"} and resumed.next_part == 1
         assert read_shard_ids(where) == ["a-0", "a-1"]
         assert where.keys() == ["_state/commits/00000.json", "_state/run.json", "rejects/part-00000.parquet",
-                                "shards/part-00000.parquet"]
+                                "shards/part-000000.parquet"]
     else:
         assert resumed.done_sources == {"/v/a.mp4", "/v/b.mp4"} and resumed.next_part == 2
         assert read_shard_ids(where) == sorted(["a-0", "a-1", "b-0", "b-1", "b-2", "b-0", "b-1"])
@@ -224,8 +224,8 @@ def test_a_committed_file_that_is_gone_is_an_error(where):
     progress = prepare(where.out, KEY, overwrite=False)
     writer = ShardWriter(where.out, progress, rows_per_shard=1, shard_bytes=1 << 30)
     add_source(writer, where.out, "/v/a.mp4", [1])
-    where.delete("shards/part-00000.parquet")
-    with pytest.raises(OutputError, match="shards/part-00000.parquet is in the commit ledger but missing; "
+    where.delete("shards/part-000000.parquet")
+    with pytest.raises(OutputError, match="shards/part-000000.parquet is in the commit ledger but missing; "
                                           "use --overwrite"):
         prepare(where.out, KEY, overwrite=False)
 
