@@ -21,7 +21,7 @@ from .model_stage import DeviceError
 from bricks.common.weights import MissingModelError
 
 from .operator import FatalModelError
-from .ray_cluster import RayClusterError
+from .ray_cluster import RayClusterError, stop_ray
 
 USER_ERRORS = (RecipeError, InputError, OutputError, registry.RegistryError, MissingModelError, DeviceError,
                FatalModelError, MissingExtraError, RayClusterError)
@@ -69,6 +69,7 @@ def run(recipe: str, overrides: tuple[str, ...], address: str | None, local: boo
                                   on_start=display.start, on_source=display.source, frames=display.frames)
         finally:
             display.close()
+            stop_ray()
     except USER_ERRORS as exc:
         _fail(exc)
     print_summary(manifest, loaded.model.output)

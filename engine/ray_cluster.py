@@ -81,6 +81,13 @@ def _start_here(num_cpus: int | None) -> None:
                     "(set RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 before importing ray to keep it local)", node)
 
 
+def stop_ray() -> None:
+    """Stop the Ray this process started (or leave the cluster it joined), if any. Left to
+    Ray's own exit handler, the same shutdown first sleeps half a second."""
+    if "ray" in sys.modules and sys.modules["ray"].is_initialized():
+        sys.modules["ray"].shutdown()
+
+
 _INIT_OPTIONS = dict(include_dashboard=False, logging_level=logging.WARNING, log_to_driver=True)
 
 

@@ -9,6 +9,7 @@ files (`write_kept`), and only the files' names and row counts travel on.
 from __future__ import annotations
 
 import copy
+import itertools
 import json
 import logging
 import socket
@@ -122,6 +123,43 @@ def run_local(plan: Plan, sources: list[tuple[int, str]], out: str,
                 future.cancel()
 
 
+def _ray_source(plan: Plan, out: str, index: int, uri: str, frames_to: Sink | None) -> pa.Table:
+    plan.setup()  # cheap and idempotent for the per-source operators
+    return _process(plan, out, index, uri, frames_to)
+
+
+# Ray tasks submitted per CPU slot ahead of the results taken: Ray starts a queued task as soon
+# as a worker is free, so no worker waits for the driver, and a source slower than the next
+# few holds none of them up. The finished tables wait in the object store, in order.
+TASKS_AHEAD_PER_SLOT = 4
+
+
+def _ray_tasks(plan: Plan, sources: list[tuple[int, str]], out: str, frames_to: Sink | None) -> Iterator[pa.Table]:
+    """One Ray task per source, results in source order: recipes without model operators.
+
+    Not Ray Data: on a small machine its executor costs as much as the work. Before the first
+    source it starts actors of its own (statistics, autoscaling), each a new worker process, and
+    it looks for finished tasks every 0.1 s, so each worker idles that long between sources."""
+    import ray
+
+    resources = plan.source_resources
+    slots = max(1, int(ray.cluster_resources().get("CPU", 1) // resources.cpus))
+    task = ray.remote(**_ray_resources(resources))(_ray_source)
+    shared_plan = ray.put(plan)  # serialised once, not once per source
+    queued = iter(sources)
+    pending = deque(task.remote(shared_plan, out, index, uri, frames_to)
+                    for index, uri in itertools.islice(queued, slots * TASKS_AHEAD_PER_SLOT))
+    try:
+        while pending:
+            table = ray.get(pending.popleft())
+            for index, uri in itertools.islice(queued, 1):
+                pending.append(task.remote(shared_plan, out, index, uri, frames_to))
+            yield table
+    finally:
+        for ref in pending:  # the caller stopped early: do not run what waits
+            ray.cancel(ref)
+
+
 def _ray_batch(batch: pa.Table, plan: Plan, out: str, frames_to: Sink | None) -> pa.Table:
     # Operators' setup is cheap and idempotent for CPU operators; model operators run in
     # actor pools of their own.
@@ -135,7 +173,10 @@ def run_ray(plan: Plan, sources: list[tuple[int, str]], out: str,
             board: FrameBoard | None = None) -> Iterator[pa.Table]:
     init_ray(plan.executor)  # before `import ray`: some of its settings are read on import
     with mirrored_from_ray(board) as frames_to:
-        yield from _ray_results(plan, sources, out, frames_to)
+        if plan.model_steps:  # actor pools: Ray Data's streaming stages
+            yield from _ray_results(plan, sources, out, frames_to)
+        else:
+            yield from _ray_tasks(plan, sources, out, frames_to)
 
 
 def _ray_results(plan: Plan, sources: list[tuple[int, str]], out: str, frames_to: Sink | None) -> Iterator[pa.Table]:
