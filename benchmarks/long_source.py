@@ -36,7 +36,7 @@ import av
 
 from bricks.common.synthetic import ShotSpec, write_video
 from bricks.common.video import decode_ahead, display_rotation, display_size, probe, scaler
-from bricks.engine.pipeline import segmenter_frame
+from bricks.engine.frames import segmenter_frame
 from bricks.engine.segments import detect_cuts_segmented, plan_segments, thread_map
 from bricks.operators.shot_split import ShotSplit
 

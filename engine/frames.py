@@ -48,6 +48,20 @@ def scaled_size(width: int, height: int, short_side: int | None) -> tuple[int, i
     return max(2, int(round(width * scale / 2)) * 2), max(2, int(round(height * scale / 2)) * 2)
 
 
+def segmenter_frame(reformatter: VideoReformatter, frame: av.VideoFrame, rotation: int,
+                    size: tuple[int, int]) -> np.ndarray:
+    """`frame` as PySceneDetect's `detect()` hands it to a detector, bit for bit: OpenCV's capture
+    converts it to BGR at full size in libswscale (bicubic flags, the frame's colour matrix and
+    range) and turns it upright, then the SceneManager shrinks it to `size` with `cv2.resize`'s
+    bilinear interpolation. Shrinking in libswscale straight from YUV is a little cheaper (0.26
+    against 0.35 ms for a 720p frame) but rounds differently: on real footage that moved content
+    scores by up to 0.7, enough to add or lose a cut at the threshold."""
+    bgr = rotate(reformat(reformatter, frame, frame.width, frame.height, "bgr24", "BICUBIC").to_ndarray(), rotation)
+    if (bgr.shape[1], bgr.shape[0]) != size:
+        bgr = cv2.resize(bgr, size, interpolation=cv2.INTER_LINEAR)
+    return bgr
+
+
 def to_array(frame: av.VideoFrame, req: FrameRequest, rotation: int, reformatter: VideoReformatter) -> np.ndarray:
     """Scale in libswscale (not on a full-size array), convert, then apply display rotation."""
     dw, dh = display_size(frame.width, frame.height, rotation)

@@ -7,6 +7,7 @@ that every input is accounted for.
 
 from __future__ import annotations
 
+import logging
 import time
 import traceback
 from collections import defaultdict, deque
@@ -14,35 +15,19 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-import av
-import cv2
-import numpy as np
-from av.video.reformatter import VideoReformatter
-
 from bricks.common.video import (DecodeError, DecodeStats, SourceError, decode_ahead, display_rotation, display_size,
-                                 probe, reformat, rotate, scaler)
+                                 probe, scaler)
 
-from .frames import BufferedFrames, FrameBuffer, FrameSource, RangeFrames
+from .frames import BufferedFrames, FrameBuffer, FrameSource, RangeFrames, segmenter_frame
 from .live_frames import frame_counter
 from .operator import FanOut, Filter, Frames, FrameRequest, Mapper, Sample
 from .plan import Plan, Step
-from .samples import Drop, Dropped, SourceContext, clip_of
 from .rows import DROPPED, FAILED, KEPT, reject_record, verdict
+from .samples import Drop, Dropped, SourceContext, clip_of
+from .segments import MapFn, NotSegmentable, detect_cuts_segmented, plan_segments
 from .schema import BASE_COLUMNS, ColumnTypeError, fit_columns
 
-
-def segmenter_frame(reformatter: VideoReformatter, frame: av.VideoFrame, rotation: int,
-                    size: tuple[int, int]) -> np.ndarray:
-    """`frame` as PySceneDetect's `detect()` hands it to a detector, bit for bit: OpenCV's capture
-    converts it to BGR at full size in libswscale (bicubic flags, the frame's colour matrix and
-    range) and turns it upright, then the SceneManager shrinks it to `size` with `cv2.resize`'s
-    bilinear interpolation. Shrinking in libswscale straight from YUV is a little cheaper (0.26
-    against 0.35 ms for a 720p frame) but rounds differently: on real footage that moved content
-    scores by up to 0.7, enough to add or lose a cut at the threshold."""
-    bgr = rotate(reformat(reformatter, frame, frame.width, frame.height, "bgr24", "BICUBIC").to_ndarray(), rotation)
-    if (bgr.shape[1], bgr.shape[0]) != size:
-        bgr = cv2.resize(bgr, size, interpolation=cv2.INTER_LINEAR)
-    return bgr
+log = logging.getLogger("bricks")
 
 
 @dataclass
@@ -81,6 +66,7 @@ class SourceResult:
     decode_seconds: float = 0.0
     buffer_peak_bytes: int = 0
     skipped_packets: int = 0  # refused by the decoder; their frames are lost
+    segments: int = 1  # key-frame segments its cuts were detected in, in parallel
 
     def reject(self, sample: Sample | None, step: str, status: str, reason: str,
                scores: dict[str, Any] | None = None) -> None:
@@ -100,6 +86,7 @@ class SourceResult:
             "status": self.status, "ops": {k: v.to_dict() for k, v in self.ops.items()},
             "frames_decoded": self.frames_decoded, "decode_seconds": round(self.decode_seconds, 4),
             "buffer_peak_bytes": self.buffer_peak_bytes, "skipped_packets": self.skipped_packets,
+            "segments": self.segments,
         }
 
 
@@ -214,7 +201,9 @@ def attach_model_frames(sample: Sample, plan: Plan, frames: FrameSource, result:
         sample["_frames"] = attached
 
 
-def process_source(plan: Plan, uri: str) -> SourceResult:
+def process_source(plan: Plan, uri: str, segment_map: MapFn | None = None) -> SourceResult:
+    """`segment_map`, where given, runs a long source's cut detection in key-frame segments
+    (see `segments`): threads in-process, Ray tasks on a cluster."""
     result = SourceResult(uri)
     try:
         info = probe(uri)
@@ -241,10 +230,47 @@ def process_source(plan: Plan, uri: str) -> SourceResult:
         result.kept = run_steps(sources, plan.post, NoFrames(), ctx, result)
         return result
     try:
-        _decode_pass(plan, sources[0], ctx, result)
+        if not (segment_map and _segmented_pass(plan, sources[0], ctx, result, segment_map)):
+            _decode_pass(plan, sources[0], ctx, result)
     except Exception as exc:  # e.g. a segmenter bug: the source fails, the run goes on
         result.reject(None, "decode", FAILED, _describe(exc))
     return result
+
+
+def _segmented_pass(plan: Plan, source: Sample, ctx: SourceContext, result: SourceResult,
+                    segment_map: MapFn) -> bool:
+    """A long source's cuts from key-frame segments scored in parallel, equal to the single
+    pass's; then its shots through the per-shot operators, their frames decoded again by range.
+    False where the source is short or cannot be segmented exactly: the single pass runs."""
+    seconds, segmenter = plan.executor.segment_seconds, plan.segmenter
+    if segmenter is None or seconds is None or ctx.info.duration < 2 * seconds:
+        return False
+    segment_frames = max(1, round(seconds * ctx.info.fps))
+    try:
+        layout = plan_segments(ctx.info.uri, segment_frames)
+        if len(layout.segments) < 2:
+            return False
+        found = detect_cuts_segmented(ctx.info.uri, segmenter.op, segment_frames, segment_map,
+                                      source=source, plan=layout)
+    except NotSegmentable as exc:
+        log.info("%s: cut in one decode pass (%s)", ctx.info.uri, exc)
+        return False
+    ctx.rotation, ctx.times = found.rotation, list(found.times)
+    shots = _ShotRunner(plan, ctx.oriented(source), ctx, result)
+    shots.pts_by_index = list(found.pts)
+    stats = result.ops[segmenter.label]
+    stats.n_in += 1
+    try:
+        for cut in [*found.cuts, found.num_frames]:
+            stats.n_out += 1
+            shots.close(cut)
+    finally:
+        shots.finish()
+    stats.seconds += found.score_seconds + found.replay_seconds
+    result.frames_decoded += found.frames_decoded
+    result.decode_seconds += found.decode_seconds
+    result.segments = found.segments
+    return True
 
 
 class _ShotRunner:

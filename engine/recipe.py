@@ -52,6 +52,10 @@ class ExecutorConfig(_Strict):
     frame_buffer_mb: int = Field(default=1024, ge=16)
     """Memory for the frames of one source's open shot; longer shots are decoded again instead.
     Each source in flight (one per Ray worker, two in-process) has a budget of its own."""
+    segment_seconds: float | None = Field(default=120.0, gt=0)
+    """Sources at least twice this long are cut-detected in key-frame segments of about this
+    length in parallel (Ray tasks, or threads in-process); their shots' frames are then decoded
+    again by range. The cuts equal the single pass's. None: always one decode pass."""
     rows_per_shard: int = Field(default=1000, ge=1)
     shard_mb: int = Field(default=256, ge=1)
     """A shard closes at whichever of the two limits comes first (at a source boundary)."""

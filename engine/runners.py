@@ -28,6 +28,7 @@ from .model_stage import ModelActor, preprocess_table
 from . import output
 from .pipeline import process_source
 from .plan import Plan
+from .segments import MapFn, thread_map
 from .ray_cluster import init_ray
 
 log = logging.getLogger("bricks")
@@ -41,9 +42,10 @@ def node_id() -> str:
     return socket.gethostname()
 
 
-def _process(plan: Plan, out: str, index: int, uri: str, frames_to: Sink | None = None) -> pa.Table:
+def _process(plan: Plan, out: str, index: int, uri: str, frames_to: Sink | None = None,
+             segment_map: MapFn | None = None) -> pa.Table:
     with reporting(frames_to, uri):
-        result = process_source(plan, uri)
+        result = process_source(plan, uri, segment_map)
     stats = dict(result.stats(), node=node_id())
     table = rows.source_table(plan.result_schema, index, uri, result.kept, result.rejects, stats)
     return table if plan.model_steps else write_kept(table, plan, out)
@@ -98,6 +100,7 @@ def run_local(plan: Plan, sources: list[tuple[int, str]], out: str,
     for each in plans:
         each.setup()
     actors = [ModelActor(plan, k) for k in range(len(plan.model_steps))]
+    segments = thread_map(LOCAL_SOURCES_IN_FLIGHT)
     queued = iter(enumerate(sources))
     pending: deque[Future] = deque()
     with ThreadPoolExecutor(LOCAL_SOURCES_IN_FLIGHT, thread_name_prefix="bricks-source") as pool:
@@ -107,7 +110,7 @@ def run_local(plan: Plan, sources: list[tuple[int, str]], out: str,
             if item is not None:
                 # Source k is submitted once source k - IN_FLIGHT is done, so its plan is free.
                 k, (index, uri) = item
-                pending.append(pool.submit(_process, plans[k % len(plans)], out, index, uri, board))
+                pending.append(pool.submit(_process, plans[k % len(plans)], out, index, uri, board, segments))
 
         try:
             for _ in plans:
@@ -125,7 +128,16 @@ def run_local(plan: Plan, sources: list[tuple[int, str]], out: str,
 
 def _ray_source(plan: Plan, out: str, index: int, uri: str, frames_to: Sink | None) -> pa.Table:
     plan.setup()  # cheap and idempotent for the per-source operators
-    return _process(plan, out, index, uri, frames_to)
+    return _process(plan, out, index, uri, frames_to, _ray_map)
+
+
+def _ray_map(fn, items) -> list:
+    """A long source's segments as Ray tasks of one CPU each (the task waiting on them lends
+    its own CPU back to Ray meanwhile)."""
+    import ray
+
+    task = ray.remote(num_cpus=1)(fn)
+    return ray.get([task.remote(item) for item in items])
 
 
 # Ray tasks submitted per CPU slot ahead of the results taken: Ray starts a queued task as soon
@@ -164,7 +176,7 @@ def _ray_batch(batch: pa.Table, plan: Plan, out: str, frames_to: Sink | None) ->
     # Operators' setup is cheap and idempotent for CPU operators; model operators run in
     # actor pools of their own.
     plan.setup()
-    tables = [_process(plan, out, index, uri, frames_to) for index, uri in
+    tables = [_process(plan, out, index, uri, frames_to, _ray_map) for index, uri in
               zip(batch.column("index").to_pylist(), batch.column("uri").to_pylist())]
     return pa.concat_tables(tables)
 

@@ -43,7 +43,7 @@ from bricks.common.video import (DecodeError, DecodeStats, SourceError, decode, 
                                  open_container, probe, scaler, video_stream)
 
 from .operator import Sample
-from .pipeline import segmenter_frame
+from .frames import segmenter_frame
 
 MapFn = Callable[[Callable[[Any], Any], Sequence[Any]], Iterable[Any]]
 """`map_fn(fn, items)`: `fn` applied to every item, results in the items' order."""

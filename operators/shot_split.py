@@ -2,7 +2,7 @@
 
 The detectors are PySceneDetect's own; the engine feeds them the frames of its single decode
 pass made exactly as `detect()` makes them (BGR at full size, upright, shrunk by `cv2.resize` to
-about 256 px on the long side: see `bricks.engine.pipeline.segmenter_frame`), so every frame's
+about 256 px on the long side: see `bricks.engine.frames.segmenter_frame`), so every frame's
 score, and with it the cut list, equals what `detect()` computes.
 
 For a long source split into key-frame segments (`bricks.engine.segments`), `frame_scorer`

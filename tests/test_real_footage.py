@@ -28,7 +28,7 @@ import scenedetect
 from scenedetect import StatsManager
 
 from bricks.engine.frames import scaler
-from bricks.engine.pipeline import segmenter_frame
+from bricks.engine.frames import segmenter_frame
 from bricks.engine.recipe import from_dict
 from bricks.engine.run import run
 from bricks.common.video import decode_ahead, display_rotation

@@ -22,7 +22,7 @@ import scenedetect
 
 from bricks.common.synthetic import ShotSpec, render_shot_frames, write_video
 from bricks.common.video import decode_ahead, display_rotation, display_size, probe, scaler
-from bricks.engine.pipeline import segmenter_frame
+from bricks.engine.frames import segmenter_frame
 from bricks.engine.segments import (NotSegmentable, Segment, SegmentPlan, SegmentTask, detect_cuts_segmented,
                                     plan_segments, score_segment, stitch, thread_map)
 from bricks.operators.shot_split import ShotSplit
@@ -307,3 +307,29 @@ def test_a_segmenter_without_scores(videos):
 
     with pytest.raises(NotSegmentable, match="opaque has no per-frame scores to replay"):
         detect_cuts_segmented(videos["closed-gop"], Opaque(), GOP, thread_map(2))
+
+
+@pytest.mark.parametrize("mode", ["local", "ray"])
+def test_a_recipe_over_a_long_source_segments_it_and_writes_the_single_pass_shards(tmp_path, videos, mode):
+    from conftest import read_rejects, read_shards
+    from bricks.engine.recipe import from_dict
+    from bricks.engine.run import run
+
+    process = [{"shot_split": {"min_scene_len": 8}}, {"clip_length": {"min_frames": 8, "max_frames": 30}},
+               {"motion_filter": {"min_score": 0.0}}, {"middle_frame": {}}]
+
+    def run_with(name, segment_seconds):
+        out = tmp_path / name
+        manifest = run(from_dict({"input": videos["open-gop"], "output": str(out), "process": process,
+                                  "executor": {"mode": mode, "num_cpus": 2, "segment_seconds": segment_seconds}}))
+        return read_shards(out).to_pylist(), read_rejects(out), manifest
+
+    # A 2 s segment length splits the 9-second video into key-frame segments of 2 s or more.
+    segmented, segmented_rejects, manifest = run_with("segmented", 2.0)
+    single, single_rejects, single_manifest = run_with("single", None)
+    assert len(segmented) > 10 and segmented == single
+    assert (segmented_rejects is None and single_rejects is None) or \
+        segmented_rejects.to_pylist() == single_rejects.to_pylist()
+    # The shots' frames are decoded again by range: more frames than the one pass decodes.
+    assert manifest["decode"]["frames"] > single_manifest["decode"]["frames"]
+    assert manifest["ops"][0]["out"] == single_manifest["ops"][0]["out"]  # the same shots
