@@ -3,6 +3,8 @@
     bricks-train --config text2bricks-360p-32f --data out/brickfilm --output runs/t2b-32f
     torchrun --nnodes 4 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint HEAD:29500 \\
         -m bricks.train.cli --config text2bricks-360p-32f --data /shared/shards --output /shared/runs/t2b
+    bricks-train --config text2bricks-360p-32f --data /shared/shards --output /shared/runs/t2b \\
+        --ray-address auto --ray-workers 32
 """
 
 from __future__ import annotations
@@ -22,6 +24,18 @@ from .loader import LoaderStateError
 from .shards import ShardError
 
 log = logging.getLogger("bricks")
+
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+
+
+def user_errors() -> tuple[type[Exception], ...]:
+    """What a bad config, bad data or a bad run directory raises: one line, exit status 2 (the
+    Ray launcher raises a worker's error of these kinds on its driver as it is)."""
+    from .checkpoint import CheckpointError
+    from .trainer import TrainError
+
+    return (TrainConfigError, BucketConfigError, ShardError, LoaderStateError, MissingModelError, TrainError,
+            CheckpointError, FileNotFoundError)
 
 
 def _list_configs(ctx: click.Context, _param, value: bool) -> None:
@@ -50,24 +64,43 @@ def _list_configs(ctx: click.Context, _param, value: bool) -> None:
 @click.option("--allow-data-change", is_flag=True,
               help="On --resume with other shards (or ranks, workers), start the next epoch instead of refusing.")
 @click.option("--device", help="Override the device (default: this rank's GPU, else CPU).")
+@click.option("--ray-address", metavar="ADDRESS",
+              help="Train on a Ray cluster through Ray Train: HOST:PORT or ray://HOST:PORT of its head, auto "
+                   "(the cluster this machine is a node of), or local (Ray started here). Needs --ray-workers.")
+@click.option("--ray-workers", type=click.IntRange(min=1), metavar="N",
+              help="Ray Train workers (the world size), with --ray-address.")
+@click.option("--ray-gpus-per-worker", type=click.IntRange(0, 1), metavar="0|1",
+              help="1: a GPU for each worker, NCCL; 0: CPU workers, gloo (default: 1 if the cluster has GPUs).")
+@click.option("--ray-cpus-per-worker", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True,
+              metavar="CPUS", help="CPUs Ray reserves for each worker (Ray sets OMP_NUM_THREADS to match).")
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
-def main(config_ref, data, output, overrides, ckpt, resume, max_steps, allow_data_change, device, verbose) -> None:
+def main(config_ref, data, output, overrides, ckpt, resume, max_steps, allow_data_change, device, ray_address,
+         ray_workers, ray_gpus_per_worker, ray_cpus_per_worker, verbose) -> None:
     """Fine-tune STDiT2 on Parquet shards written by bricks-dj."""
-    from .checkpoint import CheckpointError
-    from .trainer import RunOptions, TrainError, train
+    from .trainer import RunOptions, train
 
-    _setup_logging(verbose)
+    on_ray = _ray_launch(ray_address, ray_workers, ray_gpus_per_worker, ray_cpus_per_worker)
+    setup_logging(verbose)
+    errors = user_errors()
+    if on_ray is not None:
+        from .ray_launch import RayLaunchError
+
+        errors += (RayLaunchError,)
     try:
         config = load_config(config_ref, list(overrides))
         options = RunOptions(data=list(data), output=output, ckpt=ckpt, resume=resume, max_steps=max_steps,
                              allow_data_change=allow_data_change, device=device)
-        summary = train(config, options)
-    except (TrainConfigError, BucketConfigError, ShardError, LoaderStateError, MissingModelError, TrainError,
-            CheckpointError, FileNotFoundError) as exc:
+        if on_ray is None:
+            summary = train(config, options)
+        else:
+            from .ray_launch import launch
+
+            summary = launch(config, options, on_ray, verbose)
+    except errors as exc:
         click.echo(f"bricks-train: error: {exc}", err=True)
         sys.exit(2)
     except OSError as exc:
-        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+        if exc.errno not in NO_SPACE:
             raise
         # the metrics, the log or a sample: the checkpoints are written (and cleaned up) on their own
         click.echo(f"bricks-train: error: no space left on device writing {exc.filename or output}: free space "
@@ -79,13 +112,40 @@ def main(config_ref, data, output, overrides, ckpt, resume, max_steps, allow_dat
     log.info("done: %d steps, %d samples skipped", summary["step"], summary["skipped"])
 
 
-def _setup_logging(verbose: bool) -> None:
+def _ray_launch(address, workers, gpus_per_worker, cpus_per_worker):
+    """The Ray Train launch the options ask for (None: this process trains, alone or as a
+    torchrun rank)."""
+    if address is None:
+        for name, value in (("--ray-workers", workers), ("--ray-gpus-per-worker", gpus_per_worker)):
+            if value is not None:
+                raise click.UsageError(f"{name} needs --ray-address (the Ray cluster to train on)")
+        return None
+    if workers is None:
+        raise click.UsageError("--ray-address needs --ray-workers N (how many Ray Train workers)")
+    from .ray_launch import RayLaunch
+
+    return RayLaunch(address, workers, gpus_per_worker, cpus_per_worker)
+
+
+def setup_logging(verbose: bool, own_handler: bool = False) -> None:
+    """bricks' log lines on stderr, each with its rank in a world of several. `own_handler`
+    gives the "bricks" logger a handler of its own, for processes (Ray workers) whose root
+    logger is someone else's."""
     import os
 
     rank = os.environ.get("RANK")
     prefix = f"[rank {rank}] " if rank is not None and os.environ.get("WORLD_SIZE", "1") != "1" else ""
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
-                        format=f"%(asctime)s {prefix}%(levelname)s %(message)s", stream=sys.stderr)
+    level = logging.DEBUG if verbose else logging.INFO
+    fmt = f"%(asctime)s {prefix}%(levelname)s %(message)s"
+    if not own_handler:
+        logging.basicConfig(level=level, format=fmt, stream=sys.stderr)
+        return
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(fmt))
+    bricks_log = logging.getLogger("bricks")
+    bricks_log.addHandler(handler)
+    bricks_log.setLevel(level)
+    bricks_log.propagate = False
 
 
 if __name__ == "__main__":

@@ -2,10 +2,12 @@
 
 `bricks-train` reads the environment that `torchrun` sets (RANK, WORLD_SIZE, LOCAL_RANK,
 MASTER_ADDR, ...); without it, it is one process and the model is not wrapped. NCCL on GPUs,
-gloo on CPUs. FSDP2 shards each STDiT2 block and then the rest (`fully_shard`), keeping the
-parameters gathered from forward to backward for ZeRO-2 style or re-sharding them after
-forward for ZeRO-3 style. State dicts are always gathered to full, CPU, fully qualified
-names, so a checkpoint is the same whatever the strategy or world size that wrote it.
+gloo on CPUs. A launcher that has joined the ranks already (Ray Train, which sets the same
+variables) keeps its process group: it is used as it is, and left for the launcher to close.
+FSDP2 shards each STDiT2 block and then the rest (`fully_shard`), keeping the parameters
+gathered from forward to backward for ZeRO-2 style or re-sharding them after forward for
+ZeRO-3 style. State dicts are always gathered to full, CPU, fully qualified names, so a
+checkpoint is the same whatever the strategy or world size that wrote it.
 """
 
 from __future__ import annotations
@@ -38,24 +40,37 @@ class World:
         return self.world_size > 1
 
 
+# Whether the process group was there before init_world (a launcher's, which it closes itself).
+_adopted = False
+
+
 def init_world(timeout_minutes: float = 30.0, device: str | None = None) -> World:
-    """Join the process group that torchrun describes (if any) and pick this rank's device."""
+    """Join the process group that torchrun describes (if any), or take the one a launcher has
+    initialised, and pick this rank's device."""
+    global _adopted
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    _adopted = dist.is_available() and dist.is_initialized()
+    if _adopted and (dist.get_rank(), dist.get_world_size()) != (rank, world_size):
+        raise RuntimeError(f"the process group that is already set up has rank {dist.get_rank()} of "
+                           f"{dist.get_world_size()}, the environment says RANK={rank} WORLD_SIZE={world_size}")
     if device is None:
         device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
     device = torch.device(device)
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    if world_size > 1 and not dist.is_initialized():
+    if world_size > 1 and not _adopted:
         backend = "nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend, timeout=timedelta(minutes=timeout_minutes))
     return World(rank, world_size, local_rank, device)
 
 
 def close_world() -> None:
-    if dist.is_initialized():
+    """Leave the process group that init_world joined (an adopted one stays up)."""
+    global _adopted
+    if dist.is_initialized() and not _adopted:
         dist.destroy_process_group()
+    _adopted = False
 
 
 def barrier(world: World) -> None:
