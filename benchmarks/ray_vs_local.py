@@ -14,7 +14,8 @@ a noisy machine hits both alike; the table shows medians and their ratios:
       overhead = (wall time on N sources - the same mode's wall time on 1 source) / N, Ray
       against `--local`.
   (4) 4 copies with `shot_split`, `clip_length` and `encode_clips`: the driver process's peak
-      resident memory in each mode. The driver runs the CLI's own entry point in a fresh process
+      resident memory in each mode, and the bytes of row tables it received (the manifest's
+      `driver.bytes_received`) against the bytes of the shards the workers wrote. The driver runs the CLI's own entry point in a fresh process
       (started through /bin/sh, so this process's peak is not carried into it) and reports its
       `ru_maxrss`; Ray's own processes (raylet, workers) are not counted.
 
@@ -184,7 +185,9 @@ def driver_peak_rss(recipe: Path, mode: str, sources: int) -> dict[str, Any]:
         raise RuntimeError(f"driver run ({mode}) exited {proc.returncode}:\n{proc.stderr[-4000:]}")
     check_output(out, sources, f"{recipe.stem} ({mode})")
     manifest = json.loads((out / "manifest.json").read_text())
-    return dict(json.loads(report.read_text()), seconds=seconds, samples=manifest["samples"])
+    return dict(json.loads(report.read_text()), seconds=seconds, samples=manifest["samples"],
+                bytes_received=manifest["driver"]["bytes_received"],
+                media_bytes=sum(shard["bytes"] for shard in manifest["shards"]))
 
 
 # ------------------------------------------------------------------------------------------
@@ -253,7 +256,8 @@ def report(r: dict[str, Any], args: argparse.Namespace, video: Path) -> bool:
         print(f"  {name:<40}{value:>6.2f}  <= {limit:<5g}{'pass' if passed else 'MISS'}")
     print("\n(4) driver peak RSS, shot_split + clip_length + encode_clips on 4 copies (no target):")
     for mode, v in r["rss"].items():
-        print(f"  {mode:<6}{v['peak_rss_bytes'] / 2**20:>7.0f} MiB  ({v['seconds']:.1f} s, samples {v['samples']})")
+        print(f"  {mode:<6}{v['peak_rss_bytes'] / 2**20:>7.0f} MiB  ({v['seconds']:.1f} s, samples {v['samples']}); "
+              f"received {v['bytes_received'] / 2**10:.0f} KiB of rows for {v['media_bytes'] / 2**20:.1f} MiB of shards")
     print(f"\noverall: {'PASS' if ok else 'MISS'}")
     return ok
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import pickle
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import pyarrow as pa
@@ -169,6 +169,32 @@ def split(table: pa.Table, shard: pa.Schema) -> tuple[pa.Table, pa.Table, list[d
     rejected = table.filter(pc.invert(pc.is_in(status, pa.array([KEPT, WRITTEN]))))
     rejects = rejected.select([_REJECT_FIELDS.get(n, n) for n in REJECT_COLUMNS]).rename_columns(list(REJECT_COLUMNS))
     return kept, rejects.cast(rejects_schema()), parts
+
+
+def write_kept(table: pa.Table, shard: pa.Schema, write: Callable[[pa.Table], list[dict[str, Any]]]) -> pa.Table:
+    """`table` with each source's kept rows handed to `write` (which stores them and returns
+    the parts it wrote) and replaced by one `written` row per part, which carries the source's
+    statistics and its rows' model seconds on its first part."""
+    kept = is_kept(table)
+    if not pc.any(kept).as_py():
+        return table
+    written, kept_rows = [], table.filter(kept)
+    for index in pc.unique(kept_rows.column("_source_index")).to_pylist():
+        mine = kept_rows.filter(pc.equal(kept_rows.column("_source_index"), index))
+        stats = next((s for s in mine.column("_stats").to_pylist() if s is not None), None)
+        seconds: dict[str, float] = {}
+        for cell in mine.column("_model_seconds").to_pylist():
+            for label, spent in json.loads(cell or "{}").items():
+                seconds[label] = seconds.get(label, 0.0) + spent
+        for k, part in enumerate(write(mine.select(shard.names).cast(shard))):
+            first = k == 0
+            written.append({"_source_index": index, "_source_rows": mine.column("_source_rows")[0].as_py(),
+                            "_count": part["rows"], "_status": WRITTEN, "_part": json.dumps(part),
+                            "_stats": stats if first else None,
+                            "_model_seconds": json.dumps(seconds) if first and seconds else None})
+    schema = table.schema
+    parts = pa.table({f.name: [w.get(f.name) for w in written] for f in schema}, schema=schema)
+    return pa.concat_tables([table.filter(pc.invert(kept)), parts])
 
 
 def row_count(table: pa.Table) -> int:

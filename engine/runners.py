@@ -1,4 +1,5 @@
-"""Runners: where `process_source` runs. In-process (debugging, tests) or on Ray Data.
+"""Runners: where `process_source` runs. In-process (debugging, tests) or on Ray: one task per
+source, or, with model operators, Ray Data's stages with the models' actor pools.
 
 Both yield the same thing, tables of rows (see `rows`) for the driver to commit, so Ray and
 in-process runs produce identical shards. Kept rows never reach the driver: the worker that
@@ -10,7 +11,6 @@ from __future__ import annotations
 
 import copy
 import itertools
-import json
 import logging
 import socket
 import sys
@@ -20,16 +20,14 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Iterator
 
 import pyarrow as pa
-import pyarrow.compute as pc
 
-from . import rows
+from . import output, rows
 from .live_frames import FrameBoard, Sink, mirrored_from_ray, reporting
 from .model_stage import ModelActor, preprocess_table
-from . import output
 from .pipeline import process_source
 from .plan import Plan
-from .segments import MapFn, thread_map
 from .ray_cluster import init_ray
+from .segments import MapFn, thread_map
 
 log = logging.getLogger("bricks")
 
@@ -52,29 +50,10 @@ def _process(plan: Plan, out: str, index: int, uri: str, frames_to: Sink | None 
 
 
 def write_kept(table: pa.Table, plan: Plan, out: str) -> pa.Table:
-    """`table` with its kept rows written to staged shard files, one or more per source, each
-    within the shard limits; each file's rows leave the table as one `written` row."""
-    kept = rows.is_kept(table)
-    if not pc.any(kept).as_py():
-        return table
-    rest, written = table.filter(pc.invert(kept)), []
-    kept_rows = table.filter(kept)
-    for index in pc.unique(kept_rows.column("_source_index")).to_pylist():
-        mine = kept_rows.filter(pc.equal(kept_rows.column("_source_index"), index))
-        stats = next((s for s in mine.column("_stats").to_pylist() if s is not None), None)
-        seconds: dict[str, float] = {}
-        for cell in mine.column("_model_seconds").to_pylist():
-            for label, spent in json.loads(cell or "{}").items():
-                seconds[label] = seconds.get(label, 0.0) + spent
-        for k, chunk in enumerate(shard_chunks(mine.select(plan.schema.names).cast(plan.schema), plan)):
-            part = output.stage_part(out, chunk)
-            written.append({"_source_index": index, "_source_rows": mine.column("_source_rows")[0].as_py(),
-                            "_count": chunk.num_rows, "_status": rows.WRITTEN, "_part": json.dumps(part),
-                            "_stats": stats if k == 0 else None,
-                            "_model_seconds": json.dumps(seconds) if k == 0 and seconds else None})
-    schema = plan.result_schema
-    parts = pa.table({f.name: [w.get(f.name) for w in written] for f in schema}, schema=schema)
-    return pa.concat_tables([rest, parts])
+    """`table` with its kept rows written to staged shard files of `out`, each within the shard
+    limits (see `rows.write_kept`)."""
+    return rows.write_kept(table, plan.schema,
+                           lambda kept: [output.stage_part(out, chunk) for chunk in shard_chunks(kept, plan)])
 
 
 def shard_chunks(table: pa.Table, plan: Plan) -> list[pa.Table]:

@@ -267,7 +267,7 @@ def test_most_samples_undecodable_stops_the_run(brick_shards, tmp_path):
 
 def test_files_that_are_not_shards_are_one_line_naming_them(brick_shards, tmp_path):
     good = pq.read_table(brick_shards / "shards")
-    shard = brick_shards / "shards" / "part-00000.parquet"
+    shard = brick_shards / "shards" / "part-000000.parquet"
 
     cut = tmp_path / "cut"
     cut.mkdir()
