@@ -19,8 +19,9 @@ leaves staged files that the next run moves into place (their commit's ledger ob
 or deletes (it is not), so resuming never duplicates or loses a sample.
 
 A commit gathers sources until `rows_per_shard` or `shard_mb` is reached, as it did when the
-driver wrote the shards; each part becomes one shard file, so a commit of several sources has
-several files. Workers keep each part within the limits.
+driver wrote the shards. Workers keep each part within the limits; at commit, runs of small
+parts are merged into one (`merge_parts`, run where the workers are), and each part left
+becomes one shard file.
 
 The output is the user's: bricks deletes only its own files (those in its ledger, its ledger
 objects, and its temporary and staged files), and refuses an output that holds anything else
@@ -37,9 +38,10 @@ import uuid
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from bricks.common.video import local_path
 
@@ -79,6 +81,21 @@ def stage_part(out: str | os.PathLike | Store, table: pa.Table, row_group_rows: 
     kinds = table.column("kind").to_pylist()
     return {"staged": name, "rows": table.num_rows, "bytes": size,
             "samples": {"video": kinds.count("video"), "image": kinds.count("image")}}
+
+
+def merge_parts(out: str | os.PathLike | Store, parts: list[dict[str, Any]], row_group_rows: int = 64) -> dict[str, Any]:
+    """Staged parts as one staged part, their rows in order; the parts merged are deleted.
+    Run where a worker runs, so that their bytes never reach the driver."""
+    store = open_store(out)
+    with store_errors(store):
+        tables = []
+        for part in parts:
+            with store.fs.open(store.path(part["staged"]), "rb") as f:
+                tables.append(pq.read_table(f))
+        merged = stage_part(store, pa.concat_tables(tables), row_group_rows)
+        for part in parts:
+            store.remove(part["staged"])
+    return merged
 
 
 @dataclass
@@ -358,8 +375,12 @@ class ShardWriter:
     """Commits whole sources: their staged parts as shards, their rejects, one ledger object."""
 
     def __init__(self, out: str | os.PathLike | Store, progress: Progress, rows_per_shard: int,
-                 shard_bytes: int, row_group_rows: int = 64) -> None:
+                 shard_bytes: int, row_group_rows: int = 64,
+                 merge: Callable[[list[dict[str, Any]]], dict[str, Any]] | None = None) -> None:
         self.store = open_store(out)
+        # Merges consecutive small parts into one (`merge_parts`, where the runner's workers
+        # are), so that many short sources make few shards; None keeps one shard per part.
+        self.merge = merge
         self.progress = progress
         self.rows_per_shard = rows_per_shard
         self.shard_bytes = shard_bytes
@@ -389,6 +410,7 @@ class ShardWriter:
         if not self.sources:
             return
         part = self.progress.next_part
+        self.parts = self._merged(self.parts)
         rejects = pa.concat_tables(self.rejects) if self.rejects else rejects_schema().empty_table()
         # Numbered across commits, so that the files' names sort in the order of their rows.
         first = len(self.progress.shards)
@@ -409,6 +431,30 @@ class ShardWriter:
                 self.store.move(temp_name(name), name)
         self.progress.record(entry)
         self._reset()
+
+    def _merged(self, parts: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """`parts` with each run of consecutive parts under a quarter of the shard size merged,
+        up to the shard limits."""
+        if self.merge is None:
+            return parts
+        merged: list[dict[str, Any]] = []
+        run: list[dict[str, Any]] = []
+
+        def close_run() -> None:
+            merged.extend([self.merge(run)] if len(run) > 1 else run)
+            run.clear()
+
+        for p in parts:
+            if p["bytes"] >= self.shard_bytes // 4:
+                close_run()
+                merged.append(p)
+                continue
+            if run and (sum(r["rows"] for r in run) + p["rows"] > self.rows_per_shard
+                        or sum(r["bytes"] for r in run) + p["bytes"] > self.shard_bytes):
+                close_run()
+            run.append(p)
+        close_run()
+        return merged
 
     def _ledger_entry(self, part, shards, reject_files, rejects) -> dict[str, Any]:
         ops: dict[str, OpStats] = {}

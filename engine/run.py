@@ -22,7 +22,7 @@ from .output import (OutputError, Progress, ShardWriter, check_location, claim, 
                      write_manifest)
 from .ray_cluster import cluster_address, init_ray
 from .recipe import Recipe
-from .runners import run_local, run_ray
+from .runners import merge_function, run_local, run_ray
 from .schema import SCHEMA_VERSION
 
 # Either build of scenedetect and OpenCV (the headless ones are the dependencies), whichever is here.
@@ -56,8 +56,9 @@ def run(recipe: Recipe, *, overwrite: bool = False, mode: str | None = None,
         if on_start:
             on_start(len(sources), len(sources) - len(todo))
         ex = plan.executor
-        writer = ShardWriter(out, progress, ex.rows_per_shard, ex.shard_mb << 20)
-        runner = run_ray if (mode or ex.mode) == "ray" else run_local
+        on_ray = (mode or ex.mode) == "ray"
+        writer = ShardWriter(out, progress, ex.rows_per_shard, ex.shard_mb << 20, merge=merge_function(out, on_ray))
+        runner = run_ray if on_ray else run_local
         pending: dict[int, list[pa.Table]] = {}
         received = 0  # bytes of row tables the driver was sent (no media: workers write those)
         try:

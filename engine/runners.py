@@ -56,6 +56,20 @@ def write_kept(table: pa.Table, plan: Plan, out: str) -> pa.Table:
                            lambda kept: [output.stage_part(out, chunk) for chunk in shard_chunks(kept, plan)])
 
 
+def merge_function(out: str, ray_mode: bool):
+    """How a commit merges small staged parts: here, or in a Ray task (which needs no CPU of
+    its own: it reads and writes Parquet), so that their bytes stay off the driver."""
+    if not ray_mode:
+        return lambda parts: output.merge_parts(out, parts)
+
+    def merge_on_ray(parts):
+        import ray
+
+        return ray.get(ray.remote(num_cpus=0)(output.merge_parts).remote(out, parts))
+
+    return merge_on_ray
+
+
 def shard_chunks(table: pa.Table, plan: Plan) -> list[pa.Table]:
     """`table` in pieces within `rows_per_shard` and `shard_mb` (one source with very many clips)."""
     if table.num_rows == 0:

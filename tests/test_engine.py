@@ -86,6 +86,17 @@ def test_shards_roll_over_at_rows_per_shard(tmp_path, corpus):
     assert len(rows) >= 3 and sum(rows) == read_shards(out).num_rows
 
 
+@pytest.mark.parametrize("mode", ["local", "ray"])
+def test_short_sources_share_shards(tmp_path, corpus, mode):
+    # Each source's kept samples are staged apart; a commit merges the small ones into one shard.
+    out = tmp_path / mode
+    manifest = run(from_dict({"input": str(corpus[0]), "output": str(out), "process": [{"shot_split": {}}],
+                              "executor": {"mode": mode, "num_cpus": 2}}))
+    assert manifest["sources"]["done"] == 3 and [s["file"] for s in manifest["shards"]] == ["shards/part-000000.parquet"]
+    assert sorted(p.name for p in (out / "shards").iterdir()) == ["part-000000.parquet"]
+    assert manifest["shards"][0]["rows"] == read_shards(out).num_rows == manifest["samples"]["video"]
+
+
 @pytest.mark.parametrize("req, start, end, expected", [
     (FrameRequest("fractions", fractions=(0.2, 0.5, 0.8)), 10, 20, [12, 15, 18]),
     (FrameRequest("fractions", fractions=(0.5,)), 0, 1, [0]),

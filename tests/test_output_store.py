@@ -117,6 +117,40 @@ class Killed(BaseException):
 # --- commits ---------------------------------------------------------------------------------
 
 
+def test_consecutive_small_parts_are_merged_into_one_shard_in_order(where):
+    from bricks.engine.output import merge_parts
+
+    progress = prepare(where.out, KEY, overwrite=False)
+    writer = ShardWriter(where.out, progress, rows_per_shard=6, shard_bytes=1 << 30,
+                         merge=lambda parts: merge_parts(where.out, parts))
+    add_source(writer, where.out, "/v/a.mp4", [2])
+    add_source(writer, where.out, "/v/b.mp4", [1, 2])
+    add_source(writer, where.out, "/v/c.mp4", [3])  # 8 rows: the commit's parts over 6 rows make 2 shards
+    writer.commit()
+    shards = [k for k in where.keys() if k.startswith("shards/")]
+    assert shards == ["shards/part-000000.parquet", "shards/part-000001.parquet"] and temp_keys(where) == []
+    ids = [pq.read_table(io.BytesIO(where.read(k))).column("sample_id").to_pylist() for k in shards]
+    assert ids == [["a-0", "a-1", "b-0", "b-0", "b-1"], ["c-0", "c-1", "c-2"]]
+    entry = json.loads(where.read("_state/commits/00000.json"))
+    assert [s["rows"] for s in entry["shards"]] == [5, 3] and entry["samples"]["video"] == 8
+    assert prepare(where.out, KEY, overwrite=False).done_sources == {"/v/a.mp4", "/v/b.mp4", "/v/c.mp4"}
+
+
+def test_a_large_part_is_not_merged(where):
+    from bricks.engine.output import merge_parts
+
+    progress = prepare(where.out, KEY, overwrite=False)
+    merged = []
+    writer = ShardWriter(where.out, progress, rows_per_shard=100, shard_bytes=4096,
+                         merge=lambda parts: merged.append(len(parts)) or merge_parts(where.out, parts))
+    add_source(writer, where.out, "/v/a.mp4", [1])
+    big = [stage_part(where.out, kept("/v/b.mp4", 40))]
+    big[0]["bytes"] = 4096  # as large as a shard: left alone
+    writer.add("/v/b.mp4", big, rejects("/v/b.mp4", 0), stats("/v/b.mp4"))
+    writer.commit()
+    assert merged == [] and len([k for k in where.keys() if k.startswith("shards/")]) == 2
+
+
 def test_a_commit_is_one_ledger_object_naming_staged_and_final_files(where):
     progress = prepare(where.out, KEY, overwrite=False)
     writer = ShardWriter(where.out, progress, rows_per_shard=5, shard_bytes=1 << 30)
