@@ -15,6 +15,8 @@ import socket
 import sys
 from urllib.parse import urlsplit
 
+from bricks.common.errors import first_line
+
 from .recipe import ExecutorConfig
 
 log = logging.getLogger("bricks")
@@ -56,10 +58,10 @@ def _join(address: str) -> None:
     try:
         ray.init(address=address, **_INIT_OPTIONS)
     except ConnectionError as exc:  # e.g. `auto` found no cluster
-        why = "none runs on this machine" if address == "auto" else _first_line(exc)
+        why = "none runs on this machine" if address == "auto" else first_line(exc)
         raise RayClusterError(f"no Ray cluster found at {where} ({why}); {hint}") from None
     except Exception as exc:  # e.g. a Ray version or authentication mismatch
-        raise RayClusterError(f"cannot join the Ray cluster at {where}: {_first_line(exc)}") from None
+        raise RayClusterError(f"cannot join the Ray cluster at {where}: {first_line(exc)}") from None
 
 
 def _start_here(num_cpus: int | None) -> None:
@@ -126,7 +128,3 @@ def _answers(address: str) -> bool:
             continue
     return False
 
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__

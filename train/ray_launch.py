@@ -28,6 +28,8 @@ from pathlib import Path
 from types import SimpleNamespace
 from urllib.parse import urlsplit
 
+from bricks.common.errors import first_line
+
 from .config import TrainConfig
 from .trainer import RunOptions
 
@@ -94,7 +96,7 @@ def launch(config: TrainConfig, options: RunOptions, spec: RayLaunch, verbose: b
     except train_api.WorkerGroupError as exc:
         raise _worker_error(exc) from None
     except train_api.ControllerError as exc:
-        raise RayLaunchError(f"Ray Train failed: {_first_line(exc.controller_failure)}") from None
+        raise RayLaunchError(f"Ray Train failed: {first_line(exc.controller_failure)}") from None
     finally:
         shutil.rmtree(storage, ignore_errors=True)
     return result.return_value
@@ -210,10 +212,10 @@ def _join(address: str) -> None:
             raise RayLaunchError(f"cannot join the Ray cluster at {address}: it wants its authentication token "
                                  "(set RAY_AUTH_MODE=token, and RAY_AUTH_TOKEN or ~/.ray/auth_token to the "
                                  "cluster's token)") from None
-        why = "none runs on this machine" if address == "auto" else _first_line(exc)
+        why = "none runs on this machine" if address == "auto" else first_line(exc)
         raise RayLaunchError(f"no Ray cluster found at {address} ({why}); {HINT}") from None
     except Exception as exc:  # e.g. a Ray version mismatch
-        raise RayLaunchError(f"cannot join the Ray cluster at {address}: {_first_line(exc)}") from None
+        raise RayLaunchError(f"cannot join the Ray cluster at {address}: {first_line(exc)}") from None
 
 
 def _quiet_worker_logs() -> None:
@@ -290,7 +292,3 @@ def _chain_text(exc: BaseException) -> str:
         exc = exc.__cause__ or exc.__context__
     return "\n".join(parts)
 
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__

@@ -25,6 +25,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from bricks.common.errors import first_line
 from bricks.common.video import is_local, local_path
 
 log = logging.getLogger("bricks")
@@ -86,7 +87,7 @@ def _open_shard(uri: str) -> pq.ParquetFile:
     try:
         parquet = open_parquet(uri)
     except (pa.ArrowException, OSError) as exc:
-        raise ShardError(f"{uri}: not a readable Parquet file, or cut short ({_first_line(exc)}); "
+        raise ShardError(f"{uri}: not a readable Parquet file, or cut short ({first_line(exc, 200)}); "
                          "take it out of --data or write it again with bricks-dj") from None
     schema = parquet.schema_arrow
     missing = sorted({"sample_id", "kind", "num_frames", "height", "width", "text"} - set(schema.names))
@@ -100,9 +101,6 @@ def _open_shard(uri: str) -> pq.ParquetFile:
                                  "(shards as bricks-dj writes them have that type)")
     return parquet
 
-
-def _first_line(exc: Exception) -> str:
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
 
 
 @dataclass
@@ -144,7 +142,7 @@ class ShardIndex:
                     media_present = _present(parquet, g, "media", table.num_rows)
                     path_present = _present(parquet, g, "path", table.num_rows)
                 except (pa.ArrowException, OSError) as exc:
-                    raise ShardError(f"{uri}: row group {g} cannot be read ({_first_line(exc)}); the file is "
+                    raise ShardError(f"{uri}: row group {g} cannot be read ({first_line(exc, 200)}); the file is "
                                      "damaged: take it out of --data or write it again with bricks-dj") from None
                 n = table.num_rows
                 text = table.column("text").to_pylist()
