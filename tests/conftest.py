@@ -5,6 +5,7 @@ from __future__ import annotations
 import glob
 import json
 import shutil
+import socket
 from pathlib import Path
 
 import av
@@ -88,6 +89,13 @@ def read_rejects(out: Path) -> pa.Table:
 
 def read_manifest(out: Path) -> dict:
     return json.loads((out / "manifest.json").read_text())
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port where nothing listens on `host` ("" for every interface)."""
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
 
 
 def short_video(path: Path, shots=((30, False), (30, False)), **kwargs):

@@ -14,17 +14,13 @@ from pathlib import Path
 
 import pytest
 
-from conftest import read_manifest, read_rejects, read_shards, short_video, write_recipe
+from conftest import free_port, read_manifest, read_rejects, read_shards, short_video, write_recipe
 
 RAY = str(Path(sys.executable).with_name("ray"))
 PROCESS = [{"shot_split": {}}, {"clip_length": {"min_frames": 10, "max_frames": 40}},
            {"motion_filter": {"min_score": 0.0}}, {"middle_frame": {}}, {"encode_clips": {"short_side": 64}}]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("", 0))
-        return s.getsockname()[1]
 
 
 def _wait_for_port(host: str, port: int, process: subprocess.Popen, timeout: float = 120.0) -> None:
@@ -64,7 +60,7 @@ def two_node_cluster(tmp_path_factory):
     import ray
 
     host = ray.util.get_node_ip_address()
-    port = _free_port()
+    port = free_port("")  # the head listens on the network address
     logs = tmp_path_factory.mktemp("ray-logs")
     # Token authentication, as Ray starts clusters by default; every process here reads the token.
     env = dict(os.environ, RAY_AUTH_MODE="token", RAY_USAGE_STATS_ENABLED="0")

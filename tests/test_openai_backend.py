@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import base64
 import json
-import socket
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -14,6 +13,8 @@ import pytest
 
 from bricks.operators.vlm_backends.base import CaptionRequest, EndpointDown
 from bricks.operators.vlm_backends.openai_backend import OpenAIBackend
+
+from conftest import free_port
 
 KEY_ENV = "BRICKS_TEST_VLM_KEY"
 
@@ -122,11 +123,6 @@ def caption_request(prompt: str = "Describe the clip.", images: int = 1) -> Capt
     return CaptionRequest(prompt=prompt, images=[f"jpeg-{i}".encode() for i in range(images)])
 
 
-def free_port() -> int:
-    """A loopback port where nothing listens."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def test_answer_and_request_body(server, key):

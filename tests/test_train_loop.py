@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -23,6 +22,8 @@ from bricks.model.stdit2 import STDiT2  # noqa: E402
 from bricks.train.checkpoint import checkpoints  # noqa: E402
 from bricks.train.cli import main as train_cli  # noqa: E402
 from bricks.train.metrics import read_metrics  # noqa: E402
+
+from conftest import free_port  # noqa: E402
 
 TINY = ["--config", "tiny-cpu"]
 
@@ -42,10 +43,6 @@ def _env() -> dict:
     return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def losses(run: Path) -> list[tuple[int, float]]:

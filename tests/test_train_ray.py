@@ -18,7 +18,8 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("ray.train")
 
 from click.testing import CliRunner  # noqa: E402
-from test_train_loop import TINY, _env, free_port, losses, torchrun  # noqa: E402
+from conftest import free_port  # noqa: E402
+from test_train_loop import TINY, _env, losses, torchrun  # noqa: E402
 
 from bricks.model.stdit2 import STDiT2  # noqa: E402
 from bricks.train.checkpoint import checkpoints  # noqa: E402
