@@ -145,16 +145,20 @@ def check_output(out: Path, sources: int, what: str) -> None:
         raise RuntimeError(f"{what}: {done} of {sources} sources done (see {out})")
 
 
-def timed_command(recipe: Path, mode: str, sources: int) -> float:
-    out = recipe.parent / f"out-{recipe.stem}-{mode}"
-    cmd = [bricks_dj(), *run_args(recipe, mode, out)]
+def checked_run(cmd: list[str], out: Path, sources: int, what: str) -> float:
+    """Wall seconds of `cmd`, a `bricks-dj run` into `out` that must finish all `sources`."""
     started = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     seconds = time.perf_counter() - started
     if proc.returncode:
-        raise RuntimeError(f"{' '.join(cmd)} exited {proc.returncode}:\n{proc.stderr[-4000:]}")
-    check_output(out, sources, f"{recipe.stem} ({mode})")
+        raise RuntimeError(f"{what}: {' '.join(cmd)} exited {proc.returncode}:\n{proc.stderr[-4000:]}")
+    check_output(out, sources, what)
     return seconds
+
+
+def timed_command(recipe: Path, mode: str, sources: int) -> float:
+    out = recipe.parent / f"out-{recipe.stem}-{mode}"
+    return checked_run([bricks_dj(), *run_args(recipe, mode, out)], out, sources, f"{recipe.stem} ({mode})")
 
 
 def driver_child(report: str, args: list[str]) -> None:
@@ -178,12 +182,7 @@ def driver_peak_rss(recipe: Path, mode: str, sources: int) -> dict[str, Any]:
     # Through a shell: a child forked straight from this process would start from its peak.
     cmd = ["/bin/sh", "-c", '"$0" "$@"; exit $?', sys.executable, str(Path(__file__).resolve()),
            "--driver-child", str(report), "--", *run_args(recipe, mode, out)]
-    started = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    seconds = time.perf_counter() - started
-    if proc.returncode:
-        raise RuntimeError(f"driver run ({mode}) exited {proc.returncode}:\n{proc.stderr[-4000:]}")
-    check_output(out, sources, f"{recipe.stem} ({mode})")
+    seconds = checked_run(cmd, out, sources, f"driver run, {recipe.stem} ({mode})")
     manifest = json.loads((out / "manifest.json").read_text())
     return dict(json.loads(report.read_text()), seconds=seconds, samples=manifest["samples"],
                 bytes_received=manifest["driver"]["bytes_received"],

@@ -357,14 +357,6 @@ def claim(out: str | os.PathLike | Store, input_folders: list[str | os.PathLike]
             lock.release()
 
 
-@contextlib.contextmanager
-def output_errors(out: str | os.PathLike | Store) -> Iterator[None]:
-    """Errors met while writing `out` as one-line `OutputError`s (see `store.store_errors`).
-    The ledger stays consistent, so a rerun resumes."""
-    with store_errors(open_store(out)):
-        yield
-
-
 def write_manifest(out: str | os.PathLike | Store, manifest: dict[str, Any]) -> None:
     store = open_store(out)
     with store_errors(store):
