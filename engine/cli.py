@@ -89,11 +89,11 @@ def validate(recipe: str, overrides: tuple[str, ...]) -> None:
 
     try:
         loaded = load(recipe, list(overrides))
-        _, sources = preflight(loaded)
+        _, inputs = preflight(loaded)
     except USER_ERRORS as exc:
         _fail(exc)
     steps = ", ".join(op.name for op in loaded.ops)
-    click.echo(f"{recipe}: ok ({len(sources)} sources; {steps})")
+    click.echo(f"{recipe}: ok ({len(inputs.uris)} sources; {steps})")
 
 
 @main.command()

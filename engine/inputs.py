@@ -17,12 +17,13 @@ import fsspec
 
 from bricks.common.video import broken_link_reason, is_local, local_path
 
+from .dataset_files import DatasetError, DatasetInput, is_dataset_file, read_dataset
 from .store import OBJECT_STORES, unreachable_errors
 
 VIDEO_EXTENSIONS = {".mp4", ".mov", ".mkv", ".avi", ".webm", ".m4v", ".mpg", ".mpeg", ".ts", ".flv", ".wmv", ".3gp"}
 LIST_EXTENSIONS = {".txt", ".list", ".lst"}
-# Data-set files (a table of paths with captions and the like); not read as input yet.
-DATASET_EXTENSIONS = {".csv", ".tsv", ".jsonl", ".ndjson", ".json", ".parquet"}
+# Data-set files other than a Data-Juicer JSONL or an Open-Sora CSV (see `dataset_files`).
+UNREAD_DATASET_EXTENSIONS = {".tsv", ".json", ".parquet"}
 
 
 class InputError(ValueError):
@@ -31,16 +32,32 @@ class InputError(ValueError):
 
 def list_sources(spec: str | list[str]) -> list[str]:
     """Sorted, de-duplicated sources. Folders are walked for video files; globs are expanded;
-    list files hold one path or URI per line (`#` comments; relative to the list's folder)."""
+    list files hold one path or URI per line (`#` comments; relative to the list's folder);
+    data-set files name theirs (see `read_inputs`)."""
+    return read_inputs(spec).uris
+
+
+def read_inputs(spec: str | list[str]) -> DatasetInput:
+    """Every source of `input` (`uris`, as `list_sources`), with the fields that data-set files
+    (a Data-Juicer JSONL, an Open-Sora CSV) give their videos, and those fields' columns."""
     specs = [spec] if isinstance(spec, str) else list(spec)
     if not specs:
         raise InputError("input is empty")
     found: set[str] = set()
+    datasets = DatasetInput()
     for item in specs:
-        found.update(_absolute(uri) for uri in _expand(item))
+        if is_dataset_file(item):
+            try:
+                datasets.add(read_dataset(item))
+            except DatasetError as exc:
+                raise InputError(str(exc)) from None
+        else:
+            found.update(_absolute(uri) for uri in _expand(item))
+    found.update(datasets.uris)
     if not found:
         raise InputError(f"input {specs if len(specs) > 1 else specs[0]!r} matched no video files")
-    return sorted(found)
+    datasets.uris = sorted(found)
+    return datasets
 
 
 def input_folders(spec: str | list[str]) -> list[str]:
@@ -69,9 +86,9 @@ def _absolute(uri: str) -> str:
 
 def _expand(item: str) -> list[str]:
     suffix = Path(item).suffix.lower()
-    if suffix in DATASET_EXTENSIONS:
-        raise InputError(f"input {item}: {suffix[1:].upper()} data-set files are not read yet; "
-                         "give a folder, a glob or a .txt list of video paths")
+    if suffix in UNREAD_DATASET_EXTENSIONS:
+        raise InputError(f"input {item}: {suffix[1:].upper()} data-set files are not read; give a Data-Juicer "
+                         "JSONL, an Open-Sora CSV, a folder, a glob or a .txt list of video paths")
     if any(ch in item for ch in "*?["):
         return _glob(item)
     if is_local(item):

@@ -201,9 +201,11 @@ def attach_model_frames(sample: Sample, plan: Plan, frames: FrameSource, result:
         sample["_frames"] = attached
 
 
-def process_source(plan: Plan, uri: str, segment_map: MapFn | None = None) -> SourceResult:
+def process_source(plan: Plan, uri: str, segment_map: MapFn | None = None,
+                   fields: dict[str, Any] | None = None) -> SourceResult:
     """`segment_map`, where given, runs a long source's cut detection in key-frame segments
-    (see `segments`): threads in-process, Ray tasks on a cluster."""
+    (see `segments`): threads in-process, Ray tasks on a cluster. `fields`: what a data-set
+    file says of the source (a caption, scores), carried into all its samples."""
     result = SourceResult(uri)
     try:
         info = probe(uri)
@@ -223,7 +225,7 @@ def process_source(plan: Plan, uri: str, segment_map: MapFn | None = None) -> So
                       f"duration {info.duration:.0f}s exceeds limits.max_duration={limits.max_duration:.0f}s")
         return result
     ctx = SourceContext(info, plan.recipe_key)
-    sources = run_steps([ctx.source_sample()], plan.pre, NoFrames(), ctx, result)
+    sources = run_steps([ctx.source_sample(fields)], plan.pre, NoFrames(), ctx, result)
     if not sources:
         return result
     if plan.segmenter is None and not plan.post_needs_frames:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 
+from .dataset_files import DatasetError, merge_columns
 from .operator import FanOut, ModelOperator, Operator, Resources, Segmenter
 from .recipe import ExecutorConfig, LimitsConfig, Recipe, RecipeError
 from .rows import result_schema
@@ -82,7 +83,10 @@ class Plan:
             step.op.setup()
 
 
-def build(recipe: Recipe) -> Plan:
+def build(recipe: Recipe, carried: dict[str, pa.DataType] | None = None) -> Plan:
+    """`carried`: the columns that data-set files in `input` give their videos (see
+    `dataset_files`); they come after the base columns, in the operators' type where an
+    operator writes one too."""
     steps = [Step(i, op) for i, op in enumerate(recipe.ops)]
     seg_positions = [s.index for s in steps if isinstance(s.op, Segmenter)]
     if len(seg_positions) > 1:
@@ -118,8 +122,8 @@ def build(recipe: Recipe) -> Plan:
                                   f"column '{name}' already has type {outputs[name]}")
             outputs[name] = dtype
     try:
-        schema = shard_schema(outputs)
-    except ValueError as exc:
+        schema = shard_schema({**merge_columns(carried or {}, outputs), **outputs})
+    except (ValueError, DatasetError) as exc:
         raise RecipeError(f"{recipe.source}: {exc}") from None
     process = [{s.op.name: s.op.params.model_dump(mode="json")} for s in steps]
     key = json.dumps({"schema": SCHEMA_VERSION, "process": process}, sort_keys=True)

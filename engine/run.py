@@ -15,7 +15,8 @@ import pyarrow.compute as pc
 from . import plan as plan_mod
 from . import rows
 from .extras import check_plan
-from .inputs import input_folders, list_sources
+from .inputs import input_folders, read_inputs
+from .dataset_files import DatasetInput
 from .live_frames import FrameBoard
 from .operator import FatalModelError
 from .output import (OutputError, Progress, ShardWriter, check_location, claim, discard_uncommitted, prepare,
@@ -48,11 +49,13 @@ def run(recipe: Recipe, *, overwrite: bool = False, mode: str | None = None,
     """Run `recipe`; returns the manifest. Sources already committed in the output are skipped.
     `frames`, if given, holds the frames decoded so far in the sources in flight."""
     started = time.time()
-    plan, sources = preflight(recipe, mode)
+    plan, inputs = preflight(recipe, mode)
+    sources = inputs.uris
     out = recipe.model.output  # text: a local folder or an object-store URI
     with claim(out, input_folders(recipe.model.input)):  # held until the manifest is written
         progress = prepare(out, plan.recipe_key, overwrite)
-        todo = [(i, uri) for i, uri in enumerate(sources) if uri not in progress.done_sources]
+        todo = [(i, uri, inputs.fields.get(uri)) for i, uri in enumerate(inputs.uris)
+                if uri not in progress.done_sources]
         if on_start:
             on_start(len(sources), len(sources) - len(todo))
         ex = plan.executor
@@ -96,19 +99,21 @@ def _unwrap_errors(tables):
         raise
 
 
-def preflight(recipe: Recipe, mode: str | None = None) -> tuple[plan_mod.Plan, list[str]]:
+def preflight(recipe: Recipe, mode: str | None = None) -> tuple[plan_mod.Plan, DatasetInput]:
     """What `run` checks before it writes or decodes anything, and all that `bricks-dj validate`
     does: the operators, their order and extras; each model operator's device, weights and
     endpoint; the inputs; where the output goes; and, for a run that joins a Ray cluster, that
     the cluster is there."""
-    plan = plan_mod.build(recipe)
+    plan = plan_mod.build(recipe)  # the operators are checked before the inputs are read
     check_plan(plan, recipe.source)
     check_models(plan)
-    sources = list_sources(recipe.model.input)
+    inputs = read_inputs(recipe.model.input)
+    if inputs.columns:
+        plan = plan_mod.build(recipe, inputs.columns)
     check_location(recipe.model.output, input_folders(recipe.model.input))
     if (mode or plan.executor.mode) == "ray" and cluster_address(plan.executor):
         init_ray(plan.executor)
-    return plan, sources
+    return plan, inputs
 
 
 def check_models(plan) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import itertools
 import logging
+import pickle
 import socket
 import sys
 import warnings
@@ -31,6 +32,9 @@ from .segments import MapFn, thread_map
 
 log = logging.getLogger("bricks")
 
+Source = tuple[int, str, "dict | None"]
+"""A source to process: its index in the run, its URI, and the fields a data-set file gave it."""
+
 
 def node_id() -> str:
     """The Ray node this process runs on, or this host's name outside Ray."""
@@ -40,10 +44,10 @@ def node_id() -> str:
     return socket.gethostname()
 
 
-def _process(plan: Plan, out: str, index: int, uri: str, frames_to: Sink | None = None,
+def _process(plan: Plan, out: str, index: int, uri: str, fields: dict | None, frames_to: Sink | None = None,
              segment_map: MapFn | None = None) -> pa.Table:
     with reporting(frames_to, uri):
-        result = process_source(plan, uri, segment_map)
+        result = process_source(plan, uri, segment_map, fields)
     stats = dict(result.stats(), node=node_id())
     table = rows.source_table(plan.result_schema, index, uri, result.kept, result.rejects, stats)
     return table if plan.model_steps else write_kept(table, plan, out)
@@ -85,7 +89,7 @@ def shard_chunks(table: pa.Table, plan: Plan) -> list[pa.Table]:
 LOCAL_SOURCES_IN_FLIGHT = 2
 
 
-def run_local(plan: Plan, sources: list[tuple[int, str]], out: str,
+def run_local(plan: Plan, sources: list[Source], out: str,
               board: FrameBoard | None = None) -> Iterator[pa.Table]:
     # Each source in flight has operators of its own, as each Ray worker has, so that no
     # operator instance ever sees two sources at once.
@@ -102,8 +106,8 @@ def run_local(plan: Plan, sources: list[tuple[int, str]], out: str,
             item = next(queued, None)
             if item is not None:
                 # Source k is submitted once source k - IN_FLIGHT is done, so its plan is free.
-                k, (index, uri) = item
-                pending.append(pool.submit(_process, plans[k % len(plans)], out, index, uri, board, segments))
+                k, (index, uri, fields) = item
+                pending.append(pool.submit(_process, plans[k % len(plans)], out, index, uri, fields, board, segments))
 
         try:
             for _ in plans:
@@ -119,9 +123,9 @@ def run_local(plan: Plan, sources: list[tuple[int, str]], out: str,
                 future.cancel()
 
 
-def _ray_source(plan: Plan, out: str, index: int, uri: str, frames_to: Sink | None) -> pa.Table:
+def _ray_source(plan: Plan, out: str, source: Source, frames_to: Sink | None) -> pa.Table:
     plan.setup()  # cheap and idempotent for the per-source operators
-    return _process(plan, out, index, uri, frames_to, _ray_map)
+    return _process(plan, out, *source, frames_to, _ray_map)
 
 
 def _ray_map(fn, items) -> list:
@@ -139,7 +143,7 @@ def _ray_map(fn, items) -> list:
 TASKS_AHEAD_PER_SLOT = 4
 
 
-def _ray_tasks(plan: Plan, sources: list[tuple[int, str]], out: str, frames_to: Sink | None) -> Iterator[pa.Table]:
+def _ray_tasks(plan: Plan, sources: list[Source], out: str, frames_to: Sink | None) -> Iterator[pa.Table]:
     """One Ray task per source, results in source order: recipes without model operators.
 
     Not Ray Data: on a small machine its executor costs as much as the work. Before the first
@@ -152,13 +156,13 @@ def _ray_tasks(plan: Plan, sources: list[tuple[int, str]], out: str, frames_to: 
     task = ray.remote(**_ray_resources(resources))(_ray_source)
     shared_plan = ray.put(plan)  # serialised once, not once per source
     queued = iter(sources)
-    pending = deque(task.remote(shared_plan, out, index, uri, frames_to)
-                    for index, uri in itertools.islice(queued, slots * TASKS_AHEAD_PER_SLOT))
+    pending = deque(task.remote(shared_plan, out, source, frames_to)
+                    for source in itertools.islice(queued, slots * TASKS_AHEAD_PER_SLOT))
     try:
         while pending:
             table = ray.get(pending.popleft())
-            for index, uri in itertools.islice(queued, 1):
-                pending.append(task.remote(shared_plan, out, index, uri, frames_to))
+            for source in itertools.islice(queued, 1):
+                pending.append(task.remote(shared_plan, out, source, frames_to))
             yield table
     finally:
         for ref in pending:  # the caller stopped early: do not run what waits
@@ -169,12 +173,12 @@ def _ray_batch(batch: pa.Table, plan: Plan, out: str, frames_to: Sink | None) ->
     # Operators' setup is cheap and idempotent for CPU operators; model operators run in
     # actor pools of their own.
     plan.setup()
-    tables = [_process(plan, out, index, uri, frames_to, _ray_map) for index, uri in
-              zip(batch.column("index").to_pylist(), batch.column("uri").to_pylist())]
+    tables = [_process(plan, out, index, uri, pickle.loads(fields) if fields else None, frames_to, _ray_map)
+              for index, uri, fields in zip(*(batch.column(c).to_pylist() for c in ("index", "uri", "fields")))]
     return pa.concat_tables(tables)
 
 
-def run_ray(plan: Plan, sources: list[tuple[int, str]], out: str,
+def run_ray(plan: Plan, sources: list[Source], out: str,
             board: FrameBoard | None = None) -> Iterator[pa.Table]:
     init_ray(plan.executor)  # before `import ray`: some of its settings are read on import
     with mirrored_from_ray(board) as frames_to:
@@ -184,7 +188,7 @@ def run_ray(plan: Plan, sources: list[tuple[int, str]], out: str,
             yield from _ray_tasks(plan, sources, out, frames_to)
 
 
-def _ray_results(plan: Plan, sources: list[tuple[int, str]], out: str, frames_to: Sink | None) -> Iterator[pa.Table]:
+def _ray_results(plan: Plan, sources: list[Source], out: str, frames_to: Sink | None) -> Iterator[pa.Table]:
     import ray
     from ray import cloudpickle
 
@@ -196,7 +200,8 @@ def _ray_results(plan: Plan, sources: list[tuple[int, str]], out: str, frames_to
     context.execution_options.preserve_order = True  # same shard contents as an in-process run
     context.enable_progress_bars = False  # bricks-dj shows its own progress
     logging.getLogger("ray.data").setLevel(logging.ERROR)  # its per-run INFO lines would interleave
-    items = [{"index": i, "uri": u} for i, u in sources]
+    # A data set's fields travel pickled: Arrow would need one type for each across all sources.
+    items = [{"index": i, "uri": u, "fields": pickle.dumps(f) if f else b""} for i, u, f in sources]
     ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items), 4096)))
     ds = ds.map_batches(_ray_batch, fn_kwargs={"plan": plan, "out": out, "frames_to": frames_to}, batch_size=1,
                         batch_format="pyarrow", **_ray_resources(plan.source_resources))

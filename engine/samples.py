@@ -59,13 +59,15 @@ class SourceContext:
     times: list[float] = field(default_factory=list)  # presentation time of each decoded frame, in seconds
     rotation: int = 0
 
-    def source_sample(self) -> Sample:
+    def source_sample(self, fields: dict | None = None) -> Sample:
+        """The whole source as one sample, with the `fields` a data-set file gave it."""
         width, height = self.info.width, self.info.height
         num_frames = self.info.num_frames
         return self.finalize({
+            "text": None, **(fields or {}),
             "kind": "video", "source_uri": self.info.uri, "path": self.info.uri,
             "start_frame": 0, "end_frame": num_frames, "fps": self.info.fps,
-            "width": width, "height": height, "text": None, "media": None, "media_format": None,
+            "width": width, "height": height, "media": None, "media_format": None,
         })
 
     def oriented(self, sample: Sample) -> Sample:

@@ -68,6 +68,9 @@ class VlmCaptionParams(ModelParams):
     jpeg_quality: int = Field(default=90, ge=1, le=100)
     max_new_tokens: int = Field(default=300, ge=1)
     temperature: float = Field(default=0.0, ge=0)
+    skip_existing: bool = False
+    """Keep a caption a sample already has (from a data-set file given as input) and caption
+    only the others: those are not sent to the model."""
     # openai
     api_base: str = "https://api.openai.com/v1"
     api_key_env: str = "OPENAI_API_KEY"
@@ -111,6 +114,9 @@ class VlmCaption(ModelOperator):
 
     def frame_requests(self):
         return (FrameRequest("fractions", fractions=(0.2, 0.5, 0.8), short_side=self.params.short_side),)
+
+    def applies_to(self, sample) -> bool:
+        return not (self.params.skip_existing and sample.get("text"))
 
     @property
     def prompts(self) -> dict[str, str]:

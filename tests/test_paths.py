@@ -153,8 +153,8 @@ def test_an_unreadable_folder_in_the_input_stops_with_one_line(tmp_path, two_vid
         list_sources(str(tmp_path / "videos"))
 
 
-@pytest.mark.parametrize("name", ["clips.csv", "clips.jsonl", "s3://bucket/clips.csv"])
-def test_data_set_files_as_input_are_refused_before_any_work(tmp_path, name):
+@pytest.mark.parametrize("name", ["clips.tsv", "clips.parquet", "s3://bucket/clips.json"])
+def test_unread_data_set_files_as_input_are_refused_before_any_work(tmp_path, name):
     if "://" not in name:
         (tmp_path / name).write_text("path,text\na.mp4,a caption\n")
     out = tmp_path / "out"
@@ -162,7 +162,7 @@ def test_data_set_files_as_input_are_refused_before_any_work(tmp_path, name):
     for command in ("validate", "run"):
         proc = bricks_dj(command, recipe, "--local" if command == "run" else "--set=name=x", cwd=tmp_path)
         assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
-        assert proc.stderr.count("\n") == 1 and "data-set files are not read yet" in proc.stderr
+        assert proc.stderr.count("\n") == 1 and "data-set files are not read" in proc.stderr
     assert not out.exists()
 
 
