@@ -1,7 +1,8 @@
 """The shard schema: the contract between `bricks-dj` and `bricks-train`.
 
 One row per sample (a video clip or an image). Column names follow Open-Sora's data-set
-columns so its tools read our shards too. Operators add score or caption columns through
+columns (`path`, `text`, `num_frames`, `aes`, `flow`...), but Open-Sora's own tools read a CSV of
+one media file per row: `bricks-dj export --format opensora` writes one. Operators add score or caption columns through
 `Operator.outputs`; `shard_schema` puts them after the base columns.
 """
 
