@@ -91,11 +91,35 @@ def file_plugin_modules() -> list:
 
 
 def get(name: str) -> type[Operator]:
+    if name.startswith(DJ_PREFIX):
+        return _dj_operator(name)
     discover()
     try:
         return _OPERATORS[name]
     except KeyError:
         raise RegistryError(f"unknown operator '{name}'{suggest(name, _OPERATORS)}") from None
+
+
+DJ_PREFIX = "dj."
+
+
+def _dj_operator(name: str) -> type[Operator]:
+    """The adapter that runs Data-Juicer's operator `name[3:]` (the optional `dj` extra)."""
+    if importlib.util.find_spec("data_juicer") is None:
+        raise RegistryError(f"operator '{name}' needs Data-Juicer: pip install 'bricks[dj]'")
+    from bricks.operators.dj import in_bricks  # imports Data-Juicer: only when a recipe names one of its ops
+
+    return in_bricks.adapter_class(name[len(DJ_PREFIX):])
+
+
+def dj_operators() -> dict[str, type[Operator]]:
+    """{"dj.<name>": adapter} of Data-Juicer's operators that run in recipes (its filters and
+    mappers); empty without the `dj` extra."""
+    if importlib.util.find_spec("data_juicer") is None:
+        return {}
+    from bricks.operators.dj import in_bricks
+
+    return in_bricks.runnable_operators()
 
 
 def all_operators() -> dict[str, type[Operator]]:
