@@ -393,11 +393,16 @@ def drop_reason(op_name: str, dj_op, stats: dict[str, Any]) -> str:
 
 
 def _bounds(dj_op) -> dict[str, tuple[Any, Any]]:
-    """{suffix: (min, max)} from the operator's `min_<suffix>` and `max_<suffix>` attributes."""
+    """{suffix: (min, max)} from the operator's numeric `min_<suffix>` and `max_<suffix>`
+    attributes (not the flags `min_closed_interval`... of every filter)."""
+    def bound(value):
+        return value is None or (isinstance(value, (int, float, Fraction)) and not isinstance(value, bool))
+
     found = {}
     for name, low in vars(dj_op).items():
-        if name.startswith("min_") and hasattr(dj_op, "max_" + name[4:]):
-            found[name[4:]] = (low, getattr(dj_op, "max_" + name[4:]))
+        high = getattr(dj_op, "max_" + name[4:], False)
+        if name.startswith("min_") and bound(low) and bound(high):
+            found[name[4:]] = (low, high)
     return found
 
 
