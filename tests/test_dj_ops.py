@@ -147,6 +147,19 @@ def test_caption_filters_and_a_text_mapper(tmp_path, videos):
     }
 
 
+def test_image_filters_see_images_and_mapper_fields_go_to_dj_meta(tmp_path, videos):
+    out = tmp_path / "out"
+    run(recipe(videos, out, [
+        {"shot_split": {}}, {"middle_frame": {}},
+        {"dj.image_shape_filter": {"min_width": 10}},
+        {"dj.python_lambda_mapper": {"lambda_str": "lambda s: {**s, 'note': len(s['text'])}"}},
+    ], files=("b.mp4",)))
+    rows = read_shards(out).to_pylist()
+    assert sorted((r["kind"], r["dj_image_width"]) for r in rows) == \
+        [("image", 180.0), ("image", 180.0), ("video", None), ("video", None)]
+    assert all(json.loads(r["dj_meta"]) == {"note": 0} for r in rows)
+
+
 def test_caption_filters_on_vlm_caption_captions(tmp_path, videos, monkeypatch):
     # Model operators run last in a recipe, so vlm_caption's captions are filtered from its shards.
     CaptionServer = pytest.importorskip("test_vlm_caption").CaptionServer
