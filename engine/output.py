@@ -45,6 +45,7 @@ import pyarrow.parquet as pq
 
 from bricks.common.video import local_path
 
+from .dataset_card import CARD, card_is_ours
 from .output_lock import ObjectLock, OutputLock, OutputLockedError  # noqa: F401 (OutputLockedError: API)
 from .pipeline import OpStats
 from .schema import rejects_schema
@@ -336,6 +337,8 @@ def _remove_own_files(store: Store, ledger: Ledger) -> None:
             store.remove(f"{LEDGER_DIR}/{name}")
     for name in (LEGACY_LEDGER, MANIFEST, RUN_INFO):
         store.remove(name)
+    if card_is_ours(store):  # describes the run being discarded; someone else's card stays
+        store.remove(CARD)
 
 
 @contextlib.contextmanager

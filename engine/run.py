@@ -14,6 +14,7 @@ import pyarrow.compute as pc
 
 from . import plan as plan_mod
 from . import rows
+from .dataset_card import write_card
 from .extras import check_plan
 from .inputs import input_folders, read_inputs
 from .dataset_files import DatasetInput
@@ -25,6 +26,7 @@ from .ray_cluster import cluster_address, init_ray
 from .recipe import Recipe
 from .runners import merge_function, run_local, run_ray
 from .schema import SCHEMA_VERSION
+from .store import open_store
 
 # Either build of scenedetect and OpenCV (the headless ones are the dependencies), whichever is here.
 VERSIONED = ("bricks", "av", "scenedetect", "scenedetect-headless", "opencv-python", "opencv-python-headless",
@@ -81,6 +83,8 @@ def run(recipe: Recipe, *, overwrite: bool = False, mode: str | None = None,
             raise RuntimeError(f"internal error: {len(pending)} sources returned incomplete results")
         manifest = build_manifest(recipe, plan, progress, len(sources), len(sources) - len(todo), started)
         manifest["driver"] = {"bytes_received": received}
+        manifest["dataset_card"] = write_card(open_store(out), manifest,
+                                              {c: s.op.name for s in plan.steps for c in s.op.outputs})
         write_manifest(out, manifest)
     return manifest
 
