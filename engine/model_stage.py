@@ -3,9 +3,10 @@
 Both work on the per-source result tables (see `rows`): rows still kept carry the frames
 their model operators asked for (`_frames`, served in the decode pass). `preprocess_table`
 turns them into model inputs (`_inputs`) in a CPU stage of its own; `ModelActor` loads the
-model once and runs `infer_table` on batches. Only the rows a model works on are converted to
-Python, and only the columns it writes are rebuilt. Rows are never added or removed, only
-marked dropped or failed, so every sample stays accounted for.
+model once and runs `infer_table` on batches. Filters and mappers that follow a model operator
+(and need no frames) run on the rows in `row_table`, a CPU stage. Only the rows an operator
+works on are converted to Python, and only the columns it writes are rebuilt. Rows are never
+added or removed, only marked dropped or failed, so every sample stays accounted for.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import pyarrow as pa
 from bricks.common.weights import warn_tiny
 
 from . import rows
-from .operator import FatalModelError, ModelOperator
+from .operator import FatalModelError, Filter, ModelOperator
 from .plan import Plan, Step
 from .schema import BASE_COLUMNS, fit_columns, scores_json
 
@@ -104,6 +105,51 @@ def infer_table(table: pa.Table, step: Step, shard: pa.Schema, last: bool) -> pa
     table = rows.set_values(table, "_model_seconds", todo, [seconds[i] for i in todo])
     table = rows.clear(rows.mark(table, marks), "_inputs")
     return rows.clear(table, "_frames") if last else table
+
+
+def row_table(table: pa.Table, step: Step, shard: pa.Schema) -> pa.Table:
+    """CPU stage for a filter or mapper after the model operators: on each kept row's fields."""
+    from .pipeline import changed_fields, describe_error, returned_dict
+    from .samples import Drop
+
+    op = step.op
+    op.setup()  # cheap and idempotent, as for the per-source operators
+    kept = [i for i, is_kept in enumerate(rows.is_kept(table).to_pylist()) if is_kept]
+    seconds = table.column("_model_seconds").to_pylist()
+    columns = {**BASE_COLUMNS, **op.outputs}
+    marks: dict[int, tuple] = {}
+    updates: dict[str, dict[int, Any]] = {}
+    worked = []
+    for i, sample in zip(kept, rows.samples(table, kept, shard)):
+        if not op.applies_to(sample):
+            continue
+        worked.append(i)
+        began = time.perf_counter()
+        fields: dict[str, Any] = {}
+        try:
+            if isinstance(op, Filter):
+                fields = fit_columns(returned_dict(op.score(sample, []), f"{op.name}.score"), columns, op.name)
+                reason = rows.verdict(op, fields)
+            else:
+                before = dict(sample)
+                after = returned_dict(op.process(sample, []), f"{op.name}.process")
+                fields, reason = fit_columns(changed_fields(before, after), columns, op.name), None
+        except Drop as drop:
+            marks[i] = (rows.DROPPED, step.label, str(drop), scores_json(fields))
+        except Exception as exc:  # one bad sample fails alone
+            marks[i] = (rows.FAILED, step.label, describe_error(exc), scores_json(fields))
+        else:
+            for name, value in fields.items():
+                updates.setdefault(name, {})[i] = value
+            if reason is not None:
+                marks[i] = (rows.DROPPED, step.label, reason, scores_json(fields))
+        spent = json.loads(seconds[i] or "{}")
+        spent[step.label] = spent.get(step.label, 0.0) + time.perf_counter() - began
+        seconds[i] = json.dumps(spent)
+    for name, values in updates.items():
+        table = rows.set_values(table, name, list(values), list(values.values()))
+    table = rows.set_values(table, "_model_seconds", worked, [seconds[i] for i in worked])
+    return rows.mark(table, marks)
 
 
 def _infer(op: ModelOperator, inputs: list[Any]) -> list[Any]:

@@ -122,7 +122,7 @@ def apply_step(step: Step, sample: Sample, frames: FrameSource, ctx: SourceConte
     try:
         served = [frames.serve(sample, req) for req in op.frame_requests()]
         if isinstance(op, Filter):
-            scores = _returned_dict(op.score(sample, served), f"{op.name}.score")
+            scores = returned_dict(op.score(sample, served), f"{op.name}.score")
             scores = fit_columns(scores, columns, op.name)
             sample.update(scores)
             reason = verdict(op, scores)
@@ -138,9 +138,9 @@ def apply_step(step: Step, sample: Sample, frames: FrameSource, ctx: SourceConte
                     result.reject(child.sample, step.label, DROPPED, child.reason)
                     dropped_children += 1
                     continue
-                child = ctx.finalize(_returned_dict(child, f"{op.name}.split"))
+                child = ctx.finalize(returned_dict(child, f"{op.name}.split"))
                 try:
-                    child.update(fit_columns(_changed(before, child), columns, op.name))
+                    child.update(fit_columns(changed_fields(before, child), columns, op.name))
                 except ColumnTypeError as exc:  # that child fails, its siblings go on
                     result.reject(child, step.label, FAILED, str(exc))
                     failed_children += 1
@@ -152,8 +152,8 @@ def apply_step(step: Step, sample: Sample, frames: FrameSource, ctx: SourceConte
                 raise Drop(f"{op.name} produced no samples")
         elif isinstance(op, Mapper):
             before = dict(sample)  # the operator may change the sample in place
-            returned = _returned_dict(op.process(sample, served), f"{op.name}.process")
-            returned.update(fit_columns(_changed(before, returned), columns, op.name))
+            returned = returned_dict(op.process(sample, served), f"{op.name}.process")
+            returned.update(fit_columns(changed_fields(before, returned), columns, op.name))
             out = [returned]
         else:
             raise TypeError(f"{type(op).__name__} is not a Mapper, Filter or FanOut")
@@ -166,7 +166,7 @@ def apply_step(step: Step, sample: Sample, frames: FrameSource, ctx: SourceConte
         stats.failed += 1
         out = []
     except Exception as exc:  # one bad sample must not stop the source
-        result.reject(sample, step.label, FAILED, _describe(exc), scores)
+        result.reject(sample, step.label, FAILED, describe_error(exc), scores)
         stats.failed += 1
         out = []
     stats.seconds += time.perf_counter() - started
@@ -174,13 +174,13 @@ def apply_step(step: Step, sample: Sample, frames: FrameSource, ctx: SourceConte
     return out
 
 
-def _returned_dict(value: Any, where: str) -> dict[str, Any]:
+def returned_dict(value: Any, where: str) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise ColumnTypeError(f"{where} returned a {type(value).__name__}, not a dict of fields")
     return value
 
 
-def _changed(before: Sample, after: Sample) -> dict[str, Any]:
+def changed_fields(before: Sample, after: Sample) -> dict[str, Any]:
     """Fields an operator set or replaced (`_` fields are the engine's bookkeeping)."""
     return {k: v for k, v in after.items() if not k.startswith("_") and (k not in before or before[k] is not v)}
 
@@ -194,7 +194,7 @@ def attach_model_frames(sample: Sample, plan: Plan, frames: FrameSource, result:
             if step.op.applies_to(sample):
                 attached[step.label] = [frames.serve(sample, req) for req in step.op.frame_requests()]
     except Exception as exc:
-        result.reject(sample, plan.model_steps[0].label, FAILED, f"frames for model operators: {_describe(exc)}")
+        result.reject(sample, plan.model_steps[0].label, FAILED, f"frames for model operators: {describe_error(exc)}")
         sample["_status"] = FAILED
         return
     if attached:
@@ -213,7 +213,7 @@ def process_source(plan: Plan, uri: str, segment_map: MapFn | None = None,
         result.reject(None, "read", FAILED, str(exc))
         return result
     except Exception as exc:
-        result.reject(None, "read", FAILED, _describe(exc))
+        result.reject(None, "read", FAILED, describe_error(exc))
         return result
     limits = plan.limits
     if info.width * info.height > limits.max_pixels:
@@ -235,7 +235,7 @@ def process_source(plan: Plan, uri: str, segment_map: MapFn | None = None,
         if not (segment_map and _segmented_pass(plan, sources[0], ctx, result, segment_map)):
             _decode_pass(plan, sources[0], ctx, result)
     except Exception as exc:  # e.g. a segmenter bug: the source fails, the run goes on
-        result.reject(None, "decode", FAILED, _describe(exc))
+        result.reject(None, "decode", FAILED, describe_error(exc))
     return result
 
 
@@ -453,7 +453,7 @@ def _decode_and_cut(plan: Plan, source: Sample, ctx: SourceContext, result: Sour
     shots.close(num_frames)
 
 
-def _describe(exc: BaseException) -> str:
+def describe_error(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
     where = traceback.extract_tb(exc.__traceback__)[-1] if exc.__traceback__ else None
     at = f" ({where.filename.rsplit('/', 1)[-1]}:{where.lineno})" if where else ""

@@ -3,7 +3,8 @@
 A recipe runs in three parts per source: operators before the segmenter work on container
 metadata only (no decoding); the segmenter (`shot_split`) sees every frame during the one
 decode pass; operators after it run on each shot as soon as it closes, their frames served
-from that same pass.
+from that same pass. Model operators run last, in actor pools (see `model_stage`); filters and
+mappers that need no frames may follow them (a caption filter after `vlm_caption`).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from dataclasses import dataclass
 import pyarrow as pa
 
 from .dataset_files import DatasetError, merge_columns
-from .operator import FanOut, ModelOperator, Operator, Resources, Segmenter
+from .operator import FanOut, Filter, Mapper, ModelOperator, Operator, Resources, Segmenter
 from .recipe import ExecutorConfig, LimitsConfig, Recipe, RecipeError
 from .rows import result_schema
 from .schema import SCHEMA_VERSION, shard_schema
@@ -38,6 +39,7 @@ class Plan:
     segmenter: Step | None
     post: list[Step]
     model_steps: list[Step]  # after the per-source operators, in actor pools
+    final_steps: list[Step]  # the model steps, and the frame-free filters and mappers among and after them
     schema: pa.Schema
     recipe_key: str
     executor: ExecutorConfig
@@ -98,13 +100,17 @@ def build(recipe: Recipe, carried: dict[str, pa.DataType] | None = None) -> Plan
     cut = segmenter.index if segmenter else 0
     pre, post = steps[:cut], steps[cut + 1 if segmenter else 0:]
     first_model = next((i for i, s in enumerate(post) if isinstance(s.op, ModelOperator)), len(post))
-    post, model_steps = post[:first_model], post[first_model:]
-    for step in model_steps:
-        if not isinstance(step.op, ModelOperator):
+    post, final_steps = post[:first_model], post[first_model:]
+    for step in final_steps:
+        # After a model operator, only operators that work on a sample's fields can run (a
+        # caption filter after vlm_caption): the decode pass is over by then.
+        if not isinstance(step.op, ModelOperator) and (step.op.needs_frames or not isinstance(step.op, (Filter, Mapper))):
             raise RecipeError(
                 f"{recipe.source}: process[{step.index}] {step.op.name}: must come before the model operators "
-                f"({model_steps[0].op.name}...), which run last, in actor pools"
+                f"({final_steps[0].op.name}...), which run last, in actor pools; after them only filters and "
+                "mappers that need no frames run"
             )
+    model_steps = [step for step in final_steps if isinstance(step.op, ModelOperator)]
     for step in pre:
         if isinstance(step.op, ModelOperator):
             raise RecipeError(f"{recipe.source}: process[{step.index}] {step.op.name}: must come after {segmenter.op.name}")
@@ -128,7 +134,8 @@ def build(recipe: Recipe, carried: dict[str, pa.DataType] | None = None) -> Plan
     process = [{s.op.name: s.op.params.model_dump(mode="json")} for s in steps]
     key = json.dumps({"schema": SCHEMA_VERSION, "process": process}, sort_keys=True)
     return Plan(
-        steps=steps, pre=pre, segmenter=segmenter, post=post, model_steps=model_steps, schema=schema,
+        steps=steps, pre=pre, segmenter=segmenter, post=post, model_steps=model_steps, final_steps=final_steps,
+        schema=schema,
         recipe_key=hashlib.sha1(key.encode()).hexdigest()[:16],
         executor=recipe.executor, limits=recipe.model.limits,
     )

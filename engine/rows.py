@@ -207,7 +207,8 @@ def source_stats(table: pa.Table) -> dict[str, Any]:
 
 
 def add_model_stats(labels: list[str], table: pa.Table, stats: dict[str, Any]) -> None:
-    """Model operators only mark rows: count their ins and outs from a complete source's rows."""
+    """Model operators (and the filters and mappers after them) only mark rows: count their ins
+    and outs from a complete source's rows."""
     rows = table.select(["_status", "_op", "_model_seconds", "_count"]).to_pylist()
     for k, label in enumerate(labels):
         later = set(labels[k:])

@@ -135,7 +135,7 @@ def check_models(plan) -> None:
 def _complete(plan, writer: ShardWriter, table: pa.Table, on_source) -> None:
     stats = rows.source_stats(table)
     if plan.model_steps:
-        rows.add_model_stats([s.label for s in plan.model_steps], table, stats)
+        rows.add_model_stats([s.label for s in plan.final_steps], table, stats)
     kept, rejects, parts = rows.split(table, plan.schema)
     if kept.num_rows:
         raise RuntimeError("internal error: kept rows reached the driver unwritten")

@@ -24,7 +24,7 @@ import pyarrow as pa
 
 from . import output, rows
 from .live_frames import FrameBoard, Sink, mirrored_from_ray, reporting
-from .model_stage import ModelActor, preprocess_table
+from .model_stage import ModelActor, preprocess_table, row_table
 from .pipeline import process_source
 from .plan import Plan
 from .ray_cluster import init_ray
@@ -96,7 +96,7 @@ def run_local(plan: Plan, sources: list[Source], out: str,
     plans = [plan] + [copy.deepcopy(plan) for _ in range(LOCAL_SOURCES_IN_FLIGHT - 1)]
     for each in plans:
         each.setup()
-    actors = [ModelActor(plan, k) for k in range(len(plan.model_steps))]
+    actors = {step.label: ModelActor(plan, k) for k, step in enumerate(plan.model_steps)}
     segments = thread_map(LOCAL_SOURCES_IN_FLIGHT)
     queued = iter(enumerate(sources))
     pending: deque[Future] = deque()
@@ -115,8 +115,11 @@ def run_local(plan: Plan, sources: list[Source], out: str,
             while pending:
                 table = pending.popleft().result()
                 submit_next()
-                for step, actor in zip(plan.model_steps, actors):
-                    table = actor(preprocess_table(table, step, plan.schema))
+                for step in plan.final_steps:
+                    if step.label in actors:
+                        table = actors[step.label](preprocess_table(table, step, plan.schema))
+                    else:
+                        table = row_table(table, step, plan.schema)
                 yield write_kept(table, plan, out) if plan.model_steps else table
         finally:
             for future in pending:  # the caller stopped early: do not start what waits
@@ -205,7 +208,13 @@ def _ray_results(plan: Plan, sources: list[Source], out: str, frames_to: Sink | 
     ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items), 4096)))
     ds = ds.map_batches(_ray_batch, fn_kwargs={"plan": plan, "out": out, "frames_to": frames_to}, batch_size=1,
                         batch_format="pyarrow", **_ray_resources(plan.source_resources))
-    for k, step in enumerate(plan.model_steps):
+    model_index = {step.label: k for k, step in enumerate(plan.model_steps)}
+    for step in plan.final_steps:
+        if step.label not in model_index:  # a filter or mapper on the rows' fields
+            ds = ds.map_batches(row_table, fn_kwargs={"step": step, "shard": plan.schema}, batch_format="pyarrow",
+                                num_cpus=0.5)
+            continue
+        k = model_index[step.label]
         # Pre-processing is a CPU stage of its own, so the model's actors never wait on it.
         # Its half CPU also keeps Ray from fusing it into the decode tasks or the actors
         # (fused into an actor pool, decoding would run on `pool_size` workers only).

@@ -105,6 +105,60 @@ def test_model_loads_once_per_actor_and_bad_samples_fail_alone(tmp_path, corpus,
     assert manifest["ops"][1]["failed"] == 3
 
 
+ROW_OPS_PLUGIN = COUNTING_PLUGIN + '''
+import pyarrow as pa
+from bricks.engine.operator import Filter, Mapper
+
+@register
+class CaptionNumberFilter(Filter):
+    name = "caption_number_filter"
+    description = "Keeps captions whose number is at most 128."
+    outputs = {"caption_number": pa.float64()}
+
+    def score(self, sample, frames):
+        return {"caption_number": float(sample["text"].split()[1])}
+
+    def keep(self, scores):
+        return True if scores["caption_number"] <= 128 else f"caption_number {scores['caption_number']} > 128"
+
+@register
+class ShoutCaption(Mapper):
+    name = "shout_caption"
+    description = "Upper-cases the caption."
+
+    def process(self, sample, frames):
+        return dict(sample, text=sample["text"].upper())
+'''
+
+
+@pytest.mark.parametrize("mode", ["local", "ray"])
+def test_frame_free_filters_and_mappers_run_after_model_operators(tmp_path, corpus, mode):
+    plugin = tmp_path / "row_ops.py"
+    plugin.write_text(ROW_OPS_PLUGIN)
+    process = [{"shot_split": {}}, {"count_loads": {"log": str(tmp_path / "loads.txt"), "device": "cpu"}},
+               {"caption_number_filter": {}}, {"shout_caption": {}}]
+    manifest = run(from_dict({"input": str(corpus[0]), "output": str(tmp_path / "out"), "plugins": [str(plugin)],
+                              "executor": {"mode": mode, "num_cpus": 2}, "process": process}))
+    kept = read_shards(tmp_path / "out").to_pylist()
+    dropped = [r for r in read_rejects(tmp_path / "out").to_pylist() if r["op"] == "2:caption_number_filter"]
+    assert kept and dropped  # the corpus has shots on both sides of the threshold
+    assert all(r["caption_number"] <= 128 and r["text"].startswith("BRIGHTNESS ") for r in kept)
+    assert all('"caption_number"' in r["scores"] and "> 128" in r["reason"] for r in dropped)
+    filter_op, mapper_op = manifest["ops"][2], manifest["ops"][3]
+    assert filter_op["in"] == manifest["ops"][1]["out"] == filter_op["out"] + filter_op["dropped"]
+    assert mapper_op["in"] == filter_op["out"] == mapper_op["out"] == len(kept)
+    assert manifest["accounted"]
+
+
+def test_only_frame_free_operators_follow_model_operators(tmp_path, corpus):
+    from bricks.engine.plan import build
+
+    with pytest.raises(RecipeError, match=r"process\[2\] motion_filter: must come before the model operators .* "
+                                          "only filters and mappers that need no frames run"):
+        build(from_dict({"input": str(corpus[0]), "output": str(tmp_path),
+                         "process": [{"shot_split": {}}, {"aesthetic_filter": TINY}, {"motion_filter": {}}]}))
+
+
 def test_missing_weights_fail_before_any_decoding(tmp_path, corpus, monkeypatch):
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
