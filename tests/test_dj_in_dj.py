@@ -90,7 +90,9 @@ def test_the_recipe_runs_in_dj_process_and_gives_each_shot_as_a_clip(tmp_path, c
     assert row["text"].count(TOKEN) == len(clips) and row[Fields.source_file] == [truth.path] * len(clips)
     (stats,) = [json.loads(line)[Fields.stats] for line in (tmp_path / "out" / "result_stats.jsonl").read_text().splitlines()]
     assert len(stats["flow"]) == len(clips) and min(stats["flow"]) > 0.25
-    assert len(stats["video_motion_score"]) == len(clips)  # Data-Juicer's own, on bricks' clips
+    # Data-Juicer's own, on bricks' clips (its PyAV reader works with bricks' PyAV once the plug-in loaded)
+    assert len(stats["video_motion_score"]) == len(clips)
+    assert stats["video_duration"] == pytest.approx([(b - a) / truth.fps for a, b in truth.shot_ranges()], abs=0.05)
     assert stats["end_time"][0] == pytest.approx(truth.cuts[0] / truth.fps, abs=1e-3)
 
 

@@ -60,6 +60,8 @@ from bricks.engine.model_stage import resolve_device
 from bricks.engine.recipe import ExecutorConfig
 from bricks.engine.samples import Dropped, SourceContext, clip_of
 
+from .pyav_compat import patch_close_video
+
 PREFIX = "bricks_"
 RECIPE_KEY = "data-juicer"  # sample ids are not used on this side; any fixed key will do
 ALL_FRAMES = FrameRequest("all")  # a clip file's frames: every one, as decoded
@@ -434,3 +436,6 @@ def register_all() -> list[str]:
 
 
 REGISTERED = register_all()
+# Data-Juicer's own video operators in the same run read through PyAV too, the version bricks
+# installs: make their closing of files work with it (see `pyav_compat`).
+patch_close_video()
