@@ -98,10 +98,14 @@ def validate(recipe: str, overrides: tuple[str, ...]) -> None:
 
 @main.command()
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def ops(as_json: bool) -> None:
-    """List the available operators with their parameters."""
+@click.option("--no-dj", "no_dj", is_flag=True, help="Leave out Data-Juicer's operators (dj.*).")
+def ops(as_json: bool, no_dj: bool) -> None:
+    """List the available operators with their parameters: bricks' own and plug-ins, then the
+    Data-Juicer operators a recipe can run as `dj.<name>` (with the `dj` extra)."""
     try:
         operators = registry.all_operators()
+        if not no_dj:
+            operators.update(registry.dj_operators())
     except registry.RegistryError as exc:
         _fail(exc)
     if as_json:

@@ -160,32 +160,33 @@ def test_image_filters_see_images_and_mapper_fields_go_to_dj_meta(tmp_path, vide
     assert all(json.loads(r["dj_meta"]) == {"note": 0} for r in rows)
 
 
-def test_caption_filters_on_vlm_caption_captions(tmp_path, videos, monkeypatch):
-    # Model operators run last in a recipe, so vlm_caption's captions are filtered from its shards.
+@pytest.mark.parametrize("mode", ["local", "ray"])
+def test_caption_filters_after_vlm_caption_in_one_recipe(tmp_path, videos, monkeypatch, mode):
     CaptionServer = pytest.importorskip("test_vlm_caption").CaptionServer
-    server = CaptionServer({3: 'Caption: "A yellow figure waves."'})
+    # clips (three frames) and middle-frame images (one) get different captions
+    server = CaptionServer({3: 'Caption: "A yellow figure waves."', 1: "A red brick house with a green door"})
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)  # loopback: no key needed
     try:
-        run(recipe(videos, tmp_path / "out", [
-            {"shot_split": {}},
+        manifest = run(recipe(videos, tmp_path / "out", [
+            {"shot_split": {}}, {"middle_frame": {}},
             {"vlm_caption": {"backend": "openai", "model": "test-model", "device": "cpu", "batch_size": 4,
                              "retries": 1, "api_base": server.url}},
-        ], files=("b.mp4",)))
+            {"dj.words_num_filter": {"min_num": 4}},
+            {"dj.text_length_filter": {"min_len": 10, "max_len": 100}},
+            {"dj.special_characters_filter": {"max_ratio": 0.19}},  # Data-Juicer counts spaces too
+        ], files=("b.mp4",), mode=mode))
     finally:
         server.close()
-    rows = read_shards(tmp_path / "out").to_pylist()
-    assert len(rows) == 2 and all(r["text"] == "A yellow figure waves." for r in rows)
-
-    def verdict(name, **params):
-        cls = registry.get(name)
-        op = cls(cls.Params.model_validate(params))
-        op.setup()
-        return [op.keep(op.score(dict(row), [])) for row in rows]
-
-    assert verdict("dj.words_num_filter", min_num=4) == [True, True]
-    assert verdict("dj.text_length_filter", min_len=30) == ["dj.text_length_filter: text_len 22 outside [30, inf]"] * 2
-    assert verdict("dj.special_characters_filter", max_ratio=0.1) == \
-        ["dj.special_characters_filter: special_char_ratio 0.181818 outside [0, 0.1]"] * 2
+    kept = read_shards(tmp_path / "out").to_pylist()
+    assert [(r["kind"], r["text"]) for r in kept] == [("video", "A yellow figure waves.")] * 2
+    assert all((r["dj_num_words"], r["dj_text_len"], round(r["dj_special_char_ratio"], 6)) == (4, 22, 0.181818)
+               for r in kept)
+    dropped = [r for r in read_rejects(tmp_path / "out").to_pylist() if r["op"] == "5:dj.special_characters_filter"]
+    assert [r["kind"] for r in dropped] == ["image"] * 2
+    assert all(r["reason"] == "dj.special_characters_filter: special_char_ratio 0.2 outside [0, 0.19]"
+               for r in dropped)
+    assert [manifest["ops"][i]["in"] for i in (3, 4, 5)] == [4, 4, 4]
+    assert manifest["ops"][5]["dropped"] == 2 and manifest["accounted"]
 
 
 def test_a_data_juicer_op_raising_fails_that_sample_only(tmp_path, videos, monkeypatch):
@@ -279,3 +280,16 @@ def test_on_ray(tmp_path, videos):
     assert rejects[("a.mp4", 0, 138)]["reason"] == "dj.video_duration_filter: video_duration 5.75 outside [0, 5]"
     assert rejects[("b.mp4", 0, 40)]["reason"] == "dj.video_resolution_filter: video_width 180 outside [200, inf]"
     assert len(rejects) == 3
+
+
+def test_ops_lists_data_juicer_operators_with_their_defaults():
+    proc = subprocess.run([sys.executable, "-m", "bricks.engine.cli", "ops", "--json"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    listed = json.loads(proc.stdout)
+    assert listed["shot_split"]["kind"] == "segmenter"
+    duration = listed["dj.video_duration_filter"]
+    assert duration["kind"] == "filter" and duration["params"]["min_duration"]["default"] == 0
+    assert "dj.words_num_filter" in listed and "dj.document_deduplicator" not in listed  # only filters and mappers
+    proc = subprocess.run([sys.executable, "-m", "bricks.engine.cli", "ops", "--json", "--no-dj"],
+                          capture_output=True, text=True)
+    assert not any(name.startswith("dj.") for name in json.loads(proc.stdout))
