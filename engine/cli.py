@@ -186,6 +186,36 @@ DEMO_OVERRIDES = (
 
 
 @main.command()
+@click.argument("out")
+@click.option("--format", "fmt", required=True, type=click.Choice(["opensora", "dj", "webdataset"]),
+              help="opensora: Open-Sora 1.1's CSV; dj: Data-Juicer's JSONL; webdataset: tar shards.")
+@click.option("--to", "to", required=True, type=click.Path(file_okay=False), help="The folder to write.")
+@click.option("--name", help="File name of the CSV or JSONL (default: the output folder's name).")
+@click.option("--samples-per-tar", default=1000, show_default=True, help="webdataset: samples per tar.")
+@click.option("--overwrite", is_flag=True, help="Replace an earlier export in the folder (only its own files).")
+def export(out: str, fmt: str, to: str, name: str | None, samples_per_tar: int, overwrite: bool) -> None:
+    """Write the kept samples of the output OUT as files another tool reads: every clip and image
+    as a media file, listed in an Open-Sora CSV, a Data-Juicer JSONL or WebDataset tars."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+
+    from .export import ExportError, export as export_output
+
+    with Progress("[bold]export", BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                  console=Console(stderr=True), transient=True) as bar:
+        task = bar.add_task("rows")
+        try:
+            summary = export_output(out, fmt, to, overwrite=overwrite, samples_per_tar=samples_per_tar, name=name,
+                                    progress=lambda done, total: bar.update(task, completed=done, total=total))
+        except (ExportError, OutputError) as exc:
+            _fail(exc)
+    listed = ", ".join(summary["files"][:3]) + (" ..." if len(summary["files"]) > 3 else "")
+    click.echo(f"{summary['to']}: {summary['rows']} samples ({summary['video']} clips, {summary['image']} images; "
+               f"{summary['cut_from_source']} cut from their sources) in {listed}")
+    if summary["left_out_columns"]:
+        click.echo(f"left out (binary columns): {', '.join(summary['left_out_columns'])}", err=True)
+
+
+@main.command()
 @click.option("--workdir", default="demo", show_default=True, type=click.Path(file_okay=False),
               help="Where the corpus and the output go.")
 @click.option("--num-videos", default=6, show_default=True, help="Synthetic videos to generate.")
