@@ -31,8 +31,7 @@ def output(tmp_path_factory, corpus):
 
 
 def test_datasets_loads_the_shards_and_not_the_rejects(output, tmp_path):
-    import datasets
-
+    datasets = pytest.importorskip("datasets")
     shards, rejects = read_shards(output), read_rejects(output)
     assert rejects is not None and rejects.num_rows > 0  # there is something to leave out
     train = datasets.load_dataset(str(output), cache_dir=str(tmp_path / "cache"))
@@ -94,3 +93,9 @@ def test_overwrite_and_resume_accept_bricks_card(tmp_path, corpus):
     run_into(corpus[0], out, overwrite=True)
     assert is_bricks_card((out / CARD).read_text())
     assert (out / CARD).read_text().split("## Columns")[1] == first.split("## Columns")[1]
+
+
+def test_card_on_s3(s3, corpus):
+    out = s3.uri("runs/card")
+    run_into(corpus[0], out)
+    assert is_bricks_card(s3.fs.cat_file(f"{s3.bucket}/runs/card/{CARD}").decode())
