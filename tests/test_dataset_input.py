@@ -37,7 +37,8 @@ def _by_source(table: pa.Table) -> dict[str, list[dict]]:
     return grouped
 
 
-def test_dj_jsonl_captions_and_fields_carry_into_every_clip(tmp_path, videos):
+@pytest.mark.parametrize("mode", ["local", "ray"])
+def test_dj_jsonl_captions_and_fields_carry_into_every_clip(tmp_path, videos, mode):
     a, b, c = videos
     lines = [
         # two videos in one sample: each gets the text of its own chunk
@@ -49,7 +50,8 @@ def test_dj_jsonl_captions_and_fields_carry_into_every_clip(tmp_path, videos):
     ]
     dataset = c.parent / "clips.jsonl"
     dataset.write_text("\n".join(json.dumps(line) for line in lines) + "\n")
-    out, manifest = _run(tmp_path, dataset, [{"shot_split": {"min_scene_len": 15}}])
+    out, manifest = _run(tmp_path, dataset, [{"shot_split": {"min_scene_len": 15}}], mode=mode,
+                         **({"num_cpus": 2} if mode == "ray" else {}))
     shards = read_shards(out)
     assert "source_id" in shards.column_names and "dj_meta" in shards.column_names
     by_source = _by_source(shards)
