@@ -355,17 +355,56 @@ def rotate(array: np.ndarray, rotation: int) -> np.ndarray:
     return np.ascontiguousarray(np.rot90(array, k=turns)) if turns else array
 
 
-def encode_mp4(arrays, fps: float, codec: str = "libx264", crf: int = 23, preset: str = "veryfast") -> bytes:
-    """RGB frames as an MP4 file's bytes (yuv420p, which needs even sizes: a last odd row or
-    column is dropped rather than fail)."""
-    height, width = (d - d % 2 for d in arrays[0].shape[:2])
-    arrays = [a[:height, :width] for a in arrays]
+# Shards store times rounded to the microsecond; frames are far more than this apart.
+TIME_TOLERANCE = 1e-4
+
+
+def clip_arrays(uri: str, start_frame: int, end_frame: int, start_time: float) -> list[np.ndarray]:
+    """Frames [start_frame, end_frame) of a source as upright RGB arrays at full size, found as
+    the trainer finds a reference-mode clip: a seek to the key frame before `start_time` (the
+    presentation time of `start_frame`, right for variable frame rates too), then decoding from
+    there. Raises ValueError when the source does not hold those frames (not the file the
+    clip was cut from). The clip's frames are held in memory."""
+    wanted = end_frame - start_frame
+    reformatter = scaler()
+    arrays: list[np.ndarray] = []
+    with open_container(uri) as container:
+        stream = video_stream(container)
+        seek_pts = time_to_pts(stream, start_time) if start_frame > 0 else None
+        for decoded in decode_stream(container, stream, seek_pts):
+            if not arrays and seek_pts is not None:
+                if decoded.time < start_time - TIME_TOLERANCE:
+                    continue  # between the key frame and the clip
+                if decoded.time > start_time + TIME_TOLERANCE:
+                    raise ValueError(f"{uri} has no frame at {start_time:.6f} s (frame {start_frame}): "
+                                     "is it the file the clip was cut from?")
+            frame = decoded.frame
+            rgb = reformat(reformatter, frame, frame.width, frame.height, "rgb24").to_ndarray()
+            arrays.append(rotate(rgb, display_rotation(frame)))
+            if len(arrays) == wanted:
+                break
+    if len(arrays) < wanted:
+        raise ValueError(f"{uri} has {len(arrays)} of frames {start_frame}..{end_frame - 1}: "
+                         "is it the file the clip was cut from?")
+    return arrays
+
+
+def encode_mp4(arrays, fps: float, codec: str = "libx264", crf: int = 23, preset: str = "veryfast",
+               keep_size: bool = False) -> bytes:
+    """RGB frames as an MP4 file's bytes, in yuv420p, which needs even sizes: a last odd row or
+    column is dropped, unless `keep_size` asks for the exact size (then an odd-sized clip is
+    yuv444p, which fewer players than decoders play)."""
+    height, width = arrays[0].shape[:2]
+    pix_fmt = "yuv444p" if keep_size and (height % 2 or width % 2) else "yuv420p"
+    if pix_fmt == "yuv420p":
+        height, width = height - height % 2, width - width % 2
+        arrays = [a[:height, :width] for a in arrays]
     buffer = io.BytesIO()
     with av.open(buffer, "w", format="mp4") as container:
         rate = Fraction(fps).limit_denominator(100000)
         stream = container.add_stream(codec, rate=rate)
         stream.height, stream.width = height, width
-        stream.pix_fmt = "yuv420p"
+        stream.pix_fmt = pix_fmt
         stream.options = {"crf": str(crf), "preset": preset}
         for pts, array in enumerate(arrays):
             frame = av.VideoFrame.from_ndarray(array, format="rgb24")

@@ -2,10 +2,9 @@
 reference mode, the clip cut from its source.
 
 A reference-mode clip is the source's frames [start_frame, end_frame), found the way the
-trainer finds them (`train/decode.py`): a seek to the key frame before `start_time`, then the
-frame presented at `start_time` is `start_frame`. The frames are made upright RGB at full size
-and encoded as H.264 at the source's frame rate, so the file has the row's `num_frames`,
-`width` and `height`.
+trainer finds them (`bricks.common.video.clip_arrays`), upright RGB at full size, encoded as
+H.264 at the source's frame rate, so the file has the row's `num_frames`, `width` and `height`
+(an odd side is kept: such a clip is yuv444p).
 """
 
 from __future__ import annotations
@@ -14,12 +13,7 @@ from typing import Any
 
 import av
 
-from bricks.common.video import (DecodeError, SourceError, decode_stream, display_rotation, encode_mp4,
-                                 open_container, reformat, rotate, scaler, set_decode_threads, time_to_pts,
-                                 video_stream)
-
-# Shards store times rounded to the microsecond; frames are far more than this apart.
-TIME_TOLERANCE = 1e-4
+from bricks.common.video import DecodeError, SourceError, clip_arrays, encode_mp4
 EXTENSIONS = {"video": ".mp4", "image": ".jpg"}
 
 
@@ -48,51 +42,15 @@ def media_bytes(row: dict[str, Any]) -> tuple[bytes, bool]:
 
 
 def cut_clip(row: dict[str, Any]) -> bytes:
-    """The row's frames of its source as MP4 bytes."""
+    """The row's frames of its source as MP4 bytes, at the row's exact size."""
     width, height = row["width"], row["height"]
-    if width % 2 or height % 2:
-        # encode_mp4 writes yuv420p, which would drop the odd column or row.
-        raise MediaError(f"{width}x{height} has an odd side, which an H.264 (yuv420p) clip cannot keep")
-    start, end = row["start_frame"], row["end_frame"]
     try:
-        frames = _source_frames(row["path"], start, end, row["start_time"])
-        if len(frames) != end - start:
-            raise MediaError(f"source {row['path']} has {len(frames)} of frames {start}..{end - 1}: "
-                             "is it the file the shard was made from?")
-        arrays = _upright_rgb(frames)
+        arrays = clip_arrays(row["path"], row["start_frame"], row["end_frame"], row["start_time"])
+    except ValueError as exc:
+        raise MediaError(f"source {exc}") from None
     except (SourceError, DecodeError, av.FFmpegError) as exc:
         raise MediaError(f"source {row['path']}: {str(exc).splitlines()[0]}") from None
     got_h, got_w = arrays[0].shape[:2]
     if (got_w, got_h) != (width, height):
         raise MediaError(f"source {row['path']} decodes at {got_w}x{got_h}, the row says {width}x{height}")
-    return encode_mp4(arrays, row["fps"])
-
-
-def _source_frames(path: str, start: int, end: int, start_time: float) -> list[av.VideoFrame]:
-    with open_container(path) as container:
-        stream = video_stream(container)
-        set_decode_threads(stream, 0)
-        frames: list[av.VideoFrame] = []
-        found = False
-        for decoded in decode_stream(container, stream, time_to_pts(stream, start_time)):
-            if not found:
-                if decoded.time < start_time - TIME_TOLERANCE:
-                    continue  # between the key frame and the clip
-                if decoded.time > start_time + TIME_TOLERANCE:
-                    raise MediaError(f"source {path} has no frame at {start_time:.6f} s (frame {start}): "
-                                     "is it the file the shard was made from?")
-                found = True
-            frames.append(decoded.frame)
-            if len(frames) == end - start:
-                break
-        return frames
-
-
-def _upright_rgb(frames: list[av.VideoFrame]) -> list:
-    rotation = display_rotation(frames[0])
-    reformatter = scaler()
-    arrays = []
-    for frame in frames:
-        rgb = reformat(reformatter, frame, frame.width, frame.height, "rgb24").to_ndarray()
-        arrays.append(rotate(rgb, rotation))
-    return arrays
+    return encode_mp4(arrays, row["fps"], keep_size=True)

@@ -280,3 +280,23 @@ def test_exports_an_output_on_s3(flow_output, s3, tmp_path):
     with open(tmp_path / "os" / "flow.csv", newline="") as f:
         for line in csv.DictReader(f):
             check_media(line["path"], rows[Path(line["path"]).stem])
+
+
+def test_an_odd_sized_source_exports_its_clips_at_their_exact_size(tmp_path):
+    from bricks.common.video import clip_arrays, encode_mp4, probe
+
+    rng = np.random.default_rng(0)
+    frames = [rng.integers(0, 255, (91, 161, 3), dtype=np.uint8) for _ in range(12)]
+    source = tmp_path / "odd.mp4"
+    source.write_bytes(encode_mp4(frames, 24, keep_size=True))
+    assert (probe(str(source)).width, probe(str(source)).height) == (161, 91)
+    out = tmp_path / "out"
+    run(from_dict({"input": str(source), "output": str(out), "executor": {"mode": "local"},
+                   "process": [{"fps_filter": {"min_fps": 1}}]}))
+    summary = export(out, "opensora", tmp_path / "os")
+    assert summary["cut_from_source"] == 1
+    with open(tmp_path / "os" / "out.csv", newline="") as f:
+        (row,) = list(csv.DictReader(f))
+    assert (row["width"], row["height"], row["num_frames"]) == ("161", "91", "12")
+    decoded = clip_arrays(row["path"], 0, 12, 0.0)
+    assert len(decoded) == 12 and decoded[0].shape == (91, 161, 3)

@@ -22,11 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from bricks.common.video import (decode_stream, display_rotation, encode_mp4, is_local, local_path,
-                                 open_container, probe, reformat, rotate, scaler, time_to_pts, video_stream)
-
-# Sample times are rounded to the microsecond; frames are far more than this apart.
-TIME_TOLERANCE = 1e-4
+from bricks.common.video import clip_arrays, encode_mp4, is_local, local_path, probe
 
 # Stats Data-Juicer writes as text; every other stat is a number.
 STRING_STATS = frozenset({"lang"})
@@ -101,29 +97,8 @@ def covers_source(sample: dict[str, Any]) -> bool:
 
 
 def cut_clip(uri: str, start_frame: int, end_frame: int, start_time: float, fps: float) -> bytes:
-    """Frames [start_frame, end_frame) of a source, upright, as MP4 bytes at `fps`. Decoding
-    starts at the key frame before `start_time`, the presentation time of `start_frame`, as
-    the trainer finds a reference-mode clip. The clip's frames are held in memory."""
-    wanted = end_frame - start_frame
-    reformatter = scaler()
-    arrays: list[np.ndarray] = []
-    with open_container(uri) as container:
-        stream = video_stream(container)
-        seek_pts = time_to_pts(stream, start_time) if start_frame > 0 else None
-        for decoded in decode_stream(container, stream, seek_pts):
-            if not arrays and seek_pts is not None:
-                if decoded.time < start_time - TIME_TOLERANCE:
-                    continue  # between the key frame and the clip
-                if decoded.time > start_time + TIME_TOLERANCE:
-                    raise ValueError(f"no frame at {start_time:.6f} s (frame {start_frame}) in {uri}")
-            frame = decoded.frame
-            rgb = reformat(reformatter, frame, frame.width, frame.height, "rgb24").to_ndarray()
-            arrays.append(rotate(rgb, display_rotation(frame)))
-            if len(arrays) == wanted:
-                break
-    if len(arrays) < wanted:
-        raise ValueError(f"frames [{start_frame}, {end_frame}) of {uri}: only {len(arrays)} decoded")
-    return encode_mp4(arrays, fps)
+    """Frames [start_frame, end_frame) of a source, upright, as MP4 bytes at `fps`."""
+    return encode_mp4(clip_arrays(uri, start_frame, end_frame, start_time), fps, keep_size=True)
 
 
 def _write(path: Path, data: bytes) -> str:
