@@ -32,18 +32,24 @@ from .schema import BASE_COLUMNS
 JSONL_EXTENSIONS = {".jsonl", ".ndjson"}
 CSV_EXTENSIONS = {".csv"}
 
-# Data-Juicer's special tokens (data_juicer.utils.mm_utils.SpecialTokens, its documented data
-# format): written literally so that reading its data sets does not need Data-Juicer installed.
-DJ_VIDEO_TOKEN = "<__dj__video>"
-DJ_IMAGE_TOKEN = "<__dj__image>"
-DJ_AUDIO_TOKEN = "<__dj__audio>"
-DJ_EOC_TOKEN = "<|__dj__eoc|>"
-_DJ_TOKENS = re.compile("|".join(re.escape(t) for t in (DJ_VIDEO_TOKEN, DJ_IMAGE_TOKEN, DJ_AUDIO_TOKEN, DJ_EOC_TOKEN)))
+# Data-Juicer's special tokens by default (its documented data format), so that its data sets
+# are read and written without Data-Juicer installed; `dj_tokens` takes its own where it is.
+DJ_TOKENS = {"video": "<__dj__video>", "image": "<__dj__image>", "audio": "<__dj__audio>", "eoc": "<|__dj__eoc|>"}
 DJ_STATS, DJ_META = "__dj__stats__", "__dj__meta__"
 _DJ_MEDIA_FIELDS = {"videos", "images", "audios"}
 
 # Base columns a data set may name but bricks measures from the file (or derives) itself.
 MEASURED = set(BASE_COLUMNS) - {"text"}
+
+
+def dj_tokens() -> dict[str, str]:
+    """Data-Juicer's special tokens as it is configured here, or its defaults without it."""
+    try:
+        from data_juicer.utils.mm_utils import SpecialTokens
+    except ImportError:
+        return dict(DJ_TOKENS)
+    return {"video": SpecialTokens.video, "image": SpecialTokens.image, "audio": SpecialTokens.audio,
+            "eoc": SpecialTokens.eoc}
 
 
 class DatasetError(ValueError):
@@ -124,8 +130,9 @@ def _dj_texts(text: Any, num_videos: int, where: str) -> list[str | None]:
         return [None] * num_videos
     if not isinstance(text, str):
         raise DatasetError(f"{where}: `text` is a string, not a {type(text).__name__}")
-    chunks = [c for c in text.split(DJ_EOC_TOKEN) if c.strip()]
-    per_video = [strip_dj_tokens(c) for c in chunks for _ in range(c.count(DJ_VIDEO_TOKEN))]
+    tokens = dj_tokens()
+    chunks = [c for c in text.split(tokens["eoc"]) if c.strip()]
+    per_video = [strip_dj_tokens(c) for c in chunks for _ in range(c.count(tokens["video"]))]
     if num_videos > 1 and len(per_video) == num_videos:
         return per_video
     caption = strip_dj_tokens(text)
@@ -134,7 +141,8 @@ def _dj_texts(text: Any, num_videos: int, where: str) -> list[str | None]:
 
 def strip_dj_tokens(text: str) -> str | None:
     """`text` without Data-Juicer's special tokens and the spaces around them; None if empty."""
-    cleaned = " ".join(_DJ_TOKENS.sub(" ", text).split())
+    pattern = re.compile("|".join(re.escape(token) for token in dj_tokens().values()))
+    cleaned = " ".join(pattern.sub(" ", text).split())
     return cleaned or None
 
 

@@ -49,6 +49,7 @@ import pyarrow.parquet as pq
 
 from bricks.common.video import local_path
 
+from .dataset_files import dj_tokens
 from .export_media import MediaError, media_bytes, media_extension
 from .output import RUN_INFO, read_ledger
 from .schema import BASE_COLUMNS
@@ -61,7 +62,6 @@ OPENSORA_COLUMNS = ("path", "text", "num_frames", "height", "width", "aspect_rat
 OPENSORA_SCORES = ("aes", "flow")
 # Data-Juicer's default special tokens (data_juicer.utils.mm_utils.SpecialTokens), used when it
 # is not installed: they are its documented data format.
-DJ_TOKENS = {"video": "<__dj__video>", "image": "<__dj__image>", "eoc": "<|__dj__eoc|>"}
 DJ_LEFT_OUT = ("media", "media_format", "path")
 
 Progress = Callable[[int, int], None]
@@ -401,15 +401,6 @@ class DataJuicerJSONL(_MediaFiles):
         line.update((c, row[c]) for c in self.columns if c not in DJ_LEFT_OUT and c != "text")
         self.index.write(_json_line(line) + "\n")
         return cut
-
-
-def dj_tokens() -> dict[str, str]:
-    """Data-Juicer's special tokens as it is configured here, or its defaults without it."""
-    try:
-        from data_juicer.utils.mm_utils import SpecialTokens
-    except ImportError:
-        return dict(DJ_TOKENS)
-    return {"video": SpecialTokens.video, "image": SpecialTokens.image, "eoc": SpecialTokens.eoc}
 
 
 class WebDataset(_Writer):

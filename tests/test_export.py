@@ -20,7 +20,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from bricks.engine.export import OPENSORA_COLUMNS, ExportError, dj_tokens, export
+from bricks.engine.dataset_files import dj_tokens
+from bricks.engine.export import OPENSORA_COLUMNS, ExportError, export
 from bricks.engine.recipe import from_dict
 from bricks.engine.run import run
 
