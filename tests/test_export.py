@@ -113,7 +113,8 @@ def test_dj_jsonl_uses_data_juicers_tokens(mode, request, tmp_path):
     export(out, "dj", tmp_path / "dj")
     tokens = dj_tokens()
     SpecialTokens = pytest.importorskip("data_juicer.utils.mm_utils").SpecialTokens
-    assert tokens == {"video": SpecialTokens.video, "image": SpecialTokens.image, "eoc": SpecialTokens.eoc}
+    assert tokens == {"video": SpecialTokens.video, "image": SpecialTokens.image, "audio": SpecialTokens.audio,
+                      "eoc": SpecialTokens.eoc}
     lines = [json.loads(line) for line in (tmp_path / "dj" / "out.jsonl").read_text().splitlines()]
     assert len(lines) == len(rows)
     for line in lines:
