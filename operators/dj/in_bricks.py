@@ -31,7 +31,6 @@ import shutil
 import sys
 import tempfile
 import threading
-import traceback
 import typing
 from fractions import Fraction
 from pathlib import Path
@@ -41,8 +40,10 @@ from typing import Any, ClassVar
 import pyarrow as pa
 from pydantic import BaseModel, TypeAdapter, create_model, model_validator
 
+from bricks.common.errors import first_line
 from bricks.common.settings import suggest
 from bricks.engine.operator import Filter, Mapper, OperatorParams
+from bricks.engine.pipeline import describe_error
 from bricks.engine.registry import RegistryError
 
 from . import samples
@@ -252,7 +253,7 @@ def _early_checks(dj_cls: type, build: bool):
             try:
                 dj_cls(**dj_kwargs(params))
             except Exception as exc:
-                raise ValueError(f"Data-Juicer refused these parameters: {_first_line(exc)}") from None
+                raise ValueError(f"Data-Juicer refused these parameters: {first_line(exc)}") from None
         return params
     return check
 
@@ -303,7 +304,7 @@ class _DJOperator:
         try:
             return method(*args)
         except Exception as exc:
-            raise DJOperatorError(f"{self.name} raised {_describe(exc)}") from exc
+            raise DJOperatorError(f"{self.name} raised {describe_error(exc)}") from exc
 
 
 class DJFilter(_DJOperator, Filter):
@@ -421,16 +422,3 @@ def _same(a: dict[str, Any] | None, b: dict[str, Any]) -> bool:
         return False
     return all(x == y or (isinstance(x, float) and isinstance(y, float) and math.isnan(x) and math.isnan(y))
                for x, y in ((a[k], b[k]) for k in a))
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
-def _describe(exc: BaseException) -> str:
-    """`Type: message (file:line)` where the operator raised it."""
-    frames = traceback.extract_tb(exc.__traceback__)
-    where = frames[-1] if frames else None
-    at = f" ({where.filename.rsplit('/', 1)[-1]}:{where.lineno})" if where else ""
-    return f"{type(exc).__name__}: {_first_line(exc)}{at}"
