@@ -51,7 +51,10 @@ def decodes(monkeypatch) -> list:
 
 
 def test_every_bricks_operator_is_in_djs_registry_with_its_kind():
-    bricks_ops = {name for name in registry.all_operators() if "." not in name}
+    # bricks' own operators (other tests register plug-ins after Data-Juicer was imported)
+    bricks_ops = {name for name, cls in registry.all_operators().items()
+                  if cls.__module__.startswith("bricks.operators.")}
+    assert {"shot_split", "motion_filter", "vlm_caption"} <= bricks_ops
     assert {f"bricks_{name}" for name in bricks_ops} <= set(OPERATORS.modules)
     assert issubclass(OPERATORS.modules["bricks_motion_filter"], DJFilter)
     assert issubclass(OPERATORS.modules["bricks_aesthetic_filter"], DJFilter)
