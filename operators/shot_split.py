@@ -66,7 +66,7 @@ class ShotSplitParams(OperatorParams):
 @register
 class ShotSplit(Segmenter):
     name = "shot_split"
-    description = "Split a video into shots with PySceneDetect (content, adaptive or threshold detector)."
+    description = "Split a video into shots with PySceneDetect (content, adaptive, threshold) or TransNetV2."
     Params = ShotSplitParams
 
     def __init__(self, params: ShotSplitParams | None = None) -> None:
