@@ -56,8 +56,7 @@ def run(recipe: Recipe, *, overwrite: bool = False, mode: str | None = None,
     out = recipe.model.output  # text: a local folder or an object-store URI
     with claim(out, input_folders(recipe.model.input)):  # held until the manifest is written
         progress = prepare(out, plan.recipe_key, overwrite)
-        todo = [(i, uri, inputs.fields.get(uri)) for i, uri in enumerate(inputs.uris)
-                if uri not in progress.done_sources]
+        todo = [(i, uri, inputs.fields.get(uri)) for i, uri in enumerate(sources) if uri not in progress.done_sources]
         if on_start:
             on_start(len(sources), len(sources) - len(todo))
         ex = plan.executor
