@@ -301,7 +301,7 @@ class MockServer(ThreadingHTTPServer):
         self.peak_in_flight = 0
 
     @property
-    def api_base(self) -> str:
+    def base_url(self) -> str:
         return f"http://127.0.0.1:{self.server_address[1]}/v1"
 
     def enter(self) -> None:
@@ -371,7 +371,7 @@ def openai_case(args: argparse.Namespace) -> list[Result]:
     with mock_server(args.latency) as server:
         for concurrency, batch_size in ((8, 64), (32, 64), (32, 16)):
             # An unset key variable: a real OPENAI_API_KEY is never sent, even to the mock.
-            op = VlmCaption(VlmCaptionParams(backend="openai", model="mock", api_base=server.api_base,
+            op = VlmCaption(VlmCaptionParams(backend="openai", model="mock", base_url=server.base_url,
                                              api_key_env="BRICKS_BENCH_MOCK_KEY", concurrency=concurrency,
                                              batch_size=batch_size, retries=0, timeout=30))
             server.peak_in_flight = 0

@@ -29,7 +29,10 @@ log = logging.getLogger("bricks")
 
 
 def resolve_device(op: ModelOperator, warn: bool = True) -> str:
-    """The device a model operator runs on here; `auto` never silently means CPU."""
+    """The device a model operator runs on here; `auto` never silently means CPU. An operator
+    whose model runs elsewhere gets "cpu", with no warning: it only sends requests."""
+    if not op.loads_model_here:
+        return "cpu"
     wanted = op.params.device
     try:
         import torch

@@ -192,7 +192,8 @@ class ModelParams(OperatorParams):
     """Parameters every model operator has: where it runs and how it is batched."""
 
     device: Literal["auto", "cuda", "cpu"] = "auto"
-    """`auto` needs a GPU; `cpu` runs on CPU (slow, with a warning)."""
+    """`auto` needs a GPU; `cpu` runs on CPU (slow, with a warning). Ignored by operators whose
+    model runs elsewhere (`vlm_caption` on an endpoint)."""
     num_gpus: float = Field(default=1.0, ge=0)
     """GPUs per actor (fractions share a GPU between actors)."""
     batch_size: int = Field(default=16, ge=1)
@@ -219,7 +220,14 @@ class ModelOperator(Operator):
     @property
     def resources(self) -> Resources:  # per actor
         p = self.params
-        return Resources(cpus=p.num_cpus, gpus=0.0 if p.device == "cpu" else p.num_gpus)
+        local_gpu = self.loads_model_here and p.device != "cpu"
+        return Resources(cpus=p.num_cpus, gpus=p.num_gpus if local_gpu else 0.0)
+
+    @property
+    def loads_model_here(self) -> bool:
+        """False when the model runs elsewhere (a remote endpoint): `device` then means nothing,
+        no GPU is asked for, and `check` is where the model's availability is proven."""
+        return True
 
     def model_files(self) -> list:
         """`bricks.common.weights.ModelFile`s this operator loads (none for tiny presets)."""

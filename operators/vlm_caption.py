@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Literal
 
 import cv2
-from pydantic import Field, model_validator
+from pydantic import AliasChoices, Field, model_validator
 
 from bricks.common.weights import ModelFile, resolve
 from bricks.engine.operator import FatalModelError, FrameRequest, ModelOperator, ModelParams
@@ -72,7 +72,8 @@ class VlmCaptionParams(ModelParams):
     """Keep a caption a sample already has (from a data-set file given as input) and caption
     only the others: those are not sent to the model."""
     # openai
-    api_base: str = "https://api.openai.com/v1"
+    base_url: str = Field(default="https://api.openai.com/v1", validation_alias=AliasChoices("base_url", "api_base"))
+    """The endpoint, as the OpenAI client calls it (`api_base`, the older name, is accepted too)."""
     api_key_env: str = "OPENAI_API_KEY"
     """The environment variable holding the API key (never the key itself)."""
     allow_insecure_http: bool = False
@@ -85,6 +86,13 @@ class VlmCaptionParams(ModelParams):
     tensor_parallel_size: int = Field(default=1, ge=1)
     gpu_memory_utilization: float = Field(default=0.9, gt=0, le=1)
     max_model_len: int = Field(default=8192, ge=256)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_endpoint_name(cls, data):
+        if isinstance(data, dict) and "base_url" in data and "api_base" in data:
+            raise ValueError("give the endpoint once: base_url (api_base is its older name)")
+        return data
 
     @model_validator(mode="after")
     def _prompt_files_exist(self):
@@ -100,7 +108,7 @@ class VlmCaptionParams(ModelParams):
             from .vlm_backends.openai_backend import transport_problem
 
             # A key is always sent to another machine (the backend refuses to go without one).
-            problem = transport_problem(self.api_base, self.allow_insecure_http)
+            problem = transport_problem(self.base_url, self.allow_insecure_http)
             if problem:
                 raise ValueError(problem)
         return self
@@ -131,6 +139,10 @@ class VlmCaption(ModelOperator):
             return []
         return [ModelFile(p.model, None, p.model_path)]
 
+    @property
+    def loads_model_here(self) -> bool:
+        return self.params.backend != "openai"
+
     def required_modules(self) -> tuple[str, ...]:
         p = self.params  # the same choice of backend as `load`
         if p.backend == "openai":
@@ -150,7 +162,7 @@ class VlmCaption(ModelOperator):
         from .vlm_backends.openai_backend import OpenAIBackend
 
         p = self.params
-        return OpenAIBackend(api_base=p.api_base, model=p.model, api_key_env=p.api_key_env, concurrency=p.concurrency,
+        return OpenAIBackend(base_url=p.base_url, model=p.model, api_key_env=p.api_key_env, concurrency=p.concurrency,
                              retries=p.retries, timeout=p.timeout, max_tokens=p.max_new_tokens,
                              temperature=p.temperature, allow_insecure_http=p.allow_insecure_http)
 

@@ -128,7 +128,7 @@ def test_validate_checks_the_device_as_run_does(tmp_path, corpus):
 
 
 def test_validate_checks_the_endpoint_as_run_does(tmp_path, corpus):
-    caption = {"backend": "openai", "device": "cpu", "api_base": "http://127.0.0.1:1/v1",
+    caption = {"backend": "openai", "base_url": "http://127.0.0.1:1/v1",
                "allow_insecure_http": True, "retries": 0}
     recipe = write_recipe(tmp_path, [{"shot_split": {}}, {"vlm_caption": caption}], input=corpus[0])
     line = one_line_error(run(DJ + ["validate", str(recipe)], OPENAI_API_KEY="test-key"), "bricks-dj")

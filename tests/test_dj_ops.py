@@ -169,8 +169,8 @@ def test_caption_filters_after_vlm_caption_in_one_recipe(tmp_path, videos, monke
     try:
         manifest = run(recipe(videos, tmp_path / "out", [
             {"shot_split": {}}, {"middle_frame": {}},
-            {"vlm_caption": {"backend": "openai", "model": "test-model", "device": "cpu", "batch_size": 4,
-                             "retries": 1, "api_base": server.url}},
+            {"vlm_caption": {"backend": "openai", "model": "test-model", "batch_size": 4,
+                             "retries": 1, "base_url": server.url}},
             {"dj.words_num_filter": {"min_num": 4}},
             {"dj.text_length_filter": {"min_len": 10, "max_len": 100}},
             {"dj.special_characters_filter": {"max_ratio": 0.19}},  # Data-Juicer counts spaces too

@@ -132,7 +132,7 @@ def test_engine_only_install_validates_and_runs_model_free_recipes(engine_env, t
     endpoint = FakeServer()
     endpoint.thread.start()
     try:
-        openai = recipe("openai", {"vlm_caption": {"backend": "openai", "api_base": endpoint.url, "device": "cpu"}})
+        openai = recipe("openai", {"vlm_caption": {"backend": "openai", "base_url": endpoint.url}})
         proc = _cli(engine_env, "bricks-dj", "validate", openai)
         assert proc.returncode == 0, proc.stderr
         assert any(hit["path"] == "/v1/models" for hit in endpoint.hits)

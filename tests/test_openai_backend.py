@@ -113,7 +113,7 @@ def key(monkeypatch) -> str:
 def backend(url: str, **options) -> tuple[OpenAIBackend, list[float]]:
     """A backend whose sleeps are recorded instead of waited."""
     options = {"model": "fake-vlm", "api_key_env": KEY_ENV, "retries": 3, "timeout": 5.0, **options}
-    client = OpenAIBackend(api_base=url, **options)
+    client = OpenAIBackend(base_url=url, **options)
     slept: list[float] = []
     client.sleep = slept.append
     return client, slept
@@ -158,7 +158,7 @@ def test_local_server_needs_no_key(server, monkeypatch):
 def test_missing_key_for_remote_endpoint(monkeypatch):
     monkeypatch.delenv(KEY_ENV, raising=False)
     with pytest.raises(ValueError, match=KEY_ENV):
-        OpenAIBackend(api_base="https://api.example.com/v1", model="gpt-4o", api_key_env=KEY_ENV)
+        OpenAIBackend(base_url="https://api.example.com/v1", model="gpt-4o", api_key_env=KEY_ENV)
 
 
 def test_concurrency_and_order(server, key):
@@ -343,7 +343,7 @@ def test_a_key_in_the_url_is_redacted_from_endpoint_down(key):
 def test_a_key_with_a_line_break_is_refused_without_quoting_it(monkeypatch):
     monkeypatch.setenv(KEY_ENV, "sk-secret-456\n")
     with pytest.raises(ValueError) as raised:
-        OpenAIBackend(api_base="https://api.example.com/v1", model="m", api_key_env=KEY_ENV)
+        OpenAIBackend(base_url="https://api.example.com/v1", model="m", api_key_env=KEY_ENV)
     assert KEY_ENV in str(raised.value) and "sk-secret" not in str(raised.value)
 
 
@@ -351,26 +351,26 @@ def test_a_key_with_a_line_break_is_refused_without_quoting_it(monkeypatch):
                                  "http://vllm.localhost:8000/v1", "http://0.0.0.0:8000/v1"])
 def test_the_key_does_not_go_over_plain_http_to_other_machines(key, url):
     with pytest.raises(ValueError, match="plain http to another machine.*allow_insecure_http: true"):
-        OpenAIBackend(api_base=url, model="m", api_key_env=KEY_ENV)
-    assert OpenAIBackend(api_base=url, model="m", api_key_env=KEY_ENV, allow_insecure_http=True).api_key == key
+        OpenAIBackend(base_url=url, model="m", api_key_env=KEY_ENV)
+    assert OpenAIBackend(base_url=url, model="m", api_key_env=KEY_ENV, allow_insecure_http=True).api_key == key
 
 
 @pytest.mark.parametrize("url", ["https://api.example.com/v1", "http://localhost:8000/v1",
                                  "http://127.0.0.1:8000/v1", "http://127.3.2.1/v1", "http://[::1]:8000/v1"])
 def test_the_key_goes_over_https_and_to_loopback(key, url):
-    assert OpenAIBackend(api_base=url, model="m", api_key_env=KEY_ENV).api_key == key
+    assert OpenAIBackend(base_url=url, model="m", api_key_env=KEY_ENV).api_key == key
 
 
 @pytest.mark.parametrize("url", ["ftp://api.example.com/v1", "api.example.com/v1", "https:///v1"])
-def test_api_base_must_be_an_http_url(key, url):
+def test_base_url_must_be_an_http_url(key, url):
     with pytest.raises(ValueError, match="is not an http\\(s\\) URL"):
-        OpenAIBackend(api_base=url, model="m", api_key_env=KEY_ENV)
+        OpenAIBackend(base_url=url, model="m", api_key_env=KEY_ENV)
 
 
 def caption_recipe(url: str, video: str, out, **params) -> dict:
     return {"input": video, "output": str(out), "executor": {"mode": "local"},
-            "process": [{"shot_split": {}}, {"vlm_caption": {"backend": "openai", "model": "m", "api_base": url,
-                                                             "api_key_env": KEY_ENV, "device": "cpu", "retries": 0,
+            "process": [{"shot_split": {}}, {"vlm_caption": {"backend": "openai", "model": "m", "base_url": url,
+                                                             "api_key_env": KEY_ENV, "retries": 0,
                                                              **params}}]}
 
 
@@ -401,7 +401,7 @@ def test_recipes_refuse_plain_http_to_other_machines(tmp_path):
     with pytest.raises(RecipeError) as err:
         from_dict(caption_recipe(url, "videos/", tmp_path / "out"), where="r.yaml")
     assert str(err.value).startswith("r.yaml: process[1] vlm_caption: ") and "\n" not in str(err.value)
-    assert f"api_base {url} is plain http to another machine" in str(err.value)
+    assert f"base_url {url} is plain http to another machine" in str(err.value)
     from_dict(caption_recipe(url, "videos/", tmp_path / "out", allow_insecure_http=True))
     from_dict(caption_recipe("http://127.0.0.1:8000/v1", "videos/", tmp_path / "out"))
     # Only the openai backend sends a key.

@@ -17,7 +17,7 @@ from bricks.engine.recipe import from_dict
 from bricks.engine.run import run
 from bricks.operators.vlm_caption import caption_flag, clean_caption
 
-from conftest import read_manifest, read_rejects, read_shards
+from conftest import read_rejects, read_shards
 
 
 @pytest.mark.parametrize("answer, flag", [
@@ -85,13 +85,13 @@ def server():
 def caption_recipe(corpus, out, **params):
     return from_dict({"input": str(corpus[0]), "output": str(out), "executor": {"mode": "local"},
                       "process": [{"shot_split": {}}, {"middle_frame": {}},
-                                  {"vlm_caption": {"backend": "openai", "model": "test-model", "device": "cpu",
-                                                   "batch_size": 4, "retries": 1, **params}}]})
+                                  {"vlm_caption": {"backend": "openai", "model": "test-model", "batch_size": 4,
+                                                   "retries": 1, **params}}]})
 
 
 def test_openai_backend_captions_clips_and_drops_flags(tmp_path, corpus, server, monkeypatch):
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)  # loopback: no key needed
-    manifest = run(caption_recipe(corpus, tmp_path / "out", api_base=server.url))
+    manifest = run(caption_recipe(corpus, tmp_path / "out", base_url=server.url))
     kept = read_shards(tmp_path / "out").to_pylist()
     # Clips get three frames and a caption; images get one frame, and this server flags them.
     assert kept and all(r["kind"] == "video" and r["text"] == "A yellow figure waves." for r in kept)
@@ -105,7 +105,7 @@ def test_openai_backend_captions_clips_and_drops_flags(tmp_path, corpus, server,
 def test_prompts_can_be_overridden_inline_or_from_a_file(tmp_path, corpus, server):
     prompt_file = tmp_path / "image_prompt.txt"
     prompt_file.write_text("Say what you see.\n")
-    run(caption_recipe(corpus, tmp_path / "out", api_base=server.url, video_prompt="Describe the clip.",
+    run(caption_recipe(corpus, tmp_path / "out", base_url=server.url, video_prompt="Describe the clip.",
                        image_prompt_file=str(prompt_file)))
     assert set(server.prompts) == {"Describe the clip.", "Say what you see."}
 
@@ -117,7 +117,7 @@ def test_an_endpoint_that_is_down_stops_the_run_before_decoding(tmp_path, corpus
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     with pytest.raises(FatalModelError, match="cannot reach"):
-        run(caption_recipe(corpus, tmp_path / "out", api_base=f"http://127.0.0.1:{port}/v1", timeout=1))
+        run(caption_recipe(corpus, tmp_path / "out", base_url=f"http://127.0.0.1:{port}/v1", timeout=1))
     assert not (tmp_path / "out").exists()
 
 
@@ -152,4 +152,32 @@ def test_missing_vlm_folder_is_a_clear_error(tmp_path, corpus):
 def test_a_missing_api_key_is_a_clear_error(tmp_path, corpus, monkeypatch):
     monkeypatch.delenv("MY_KEY", raising=False)
     with pytest.raises(FatalModelError, match=r"vlm_caption: .*MY_KEY"):
-        run(caption_recipe(corpus, tmp_path / "out", api_base="https://api.example.invalid/v1", api_key_env="MY_KEY"))
+        run(caption_recipe(corpus, tmp_path / "out", base_url="https://api.example.invalid/v1", api_key_env="MY_KEY"))
+
+
+def test_an_endpoint_needs_no_local_device():
+    """`device` only matters where the model is loaded: an endpoint asks for no GPU, on Ray or here."""
+    from bricks.engine.model_stage import resolve_device
+    from bricks.operators.vlm_caption import VlmCaption, VlmCaptionParams
+
+    remote = VlmCaption(VlmCaptionParams(backend="openai", base_url="http://127.0.0.1:9/v1"))
+    assert remote.params.device == "auto" and remote.resources.gpus == 0 and resolve_device(remote) == "cpu"
+    local = VlmCaption(VlmCaptionParams(backend="transformers"))
+    assert local.resources.gpus == 1 and VlmCaption(VlmCaptionParams(device="cpu")).resources.gpus == 0
+
+
+def test_the_endpoint_is_base_url_with_api_base_as_its_alias(tmp_path):
+    from bricks.engine import plan
+    from bricks.engine.recipe import RecipeError
+
+    def build(**params):
+        return plan.build(from_dict({"input": str(tmp_path), "output": str(tmp_path / "out"),
+                                     "process": [{"shot_split": {}}, {"vlm_caption": {"backend": "openai", **params}}]}))
+
+    for name in ("base_url", "api_base"):
+        op = build(**{name: "http://127.0.0.1:9/v1"}).model_steps[0].op
+        assert op.params.base_url == "http://127.0.0.1:9/v1"
+    with pytest.raises(RecipeError, match=r"vlm_caption: .*give the endpoint once: base_url"):
+        build(base_url="http://127.0.0.1:9/v1", api_base="http://127.0.0.1:8/v1")
+    with pytest.raises(RecipeError, match="unknown parameter 'baseurl'; did you mean 'base_url'"):
+        build(baseurl="http://127.0.0.1:9/v1")

@@ -43,10 +43,10 @@ class RequestFailed(RuntimeError):
     """One caption request failed for good; returned in its slot, not raised."""
 
 
-def is_loopback(api_base: str) -> bool:
+def is_loopback(base_url: str) -> bool:
     """True for `localhost`, 127.0.0.0/8 and ::1: this machine, where a local `vllm serve`
     needs no key and plain http never leaves the host."""
-    host = urlsplit(api_base).hostname or ""
+    host = urlsplit(base_url).hostname or ""
     if host == "localhost":
         return True
     try:
@@ -55,13 +55,13 @@ def is_loopback(api_base: str) -> bool:
         return False
 
 
-def transport_problem(api_base: str, allow_insecure_http: bool = False, sends_key: bool = True) -> str | None:
-    """Why requests (with an API key, if `sends_key`) must not go to `api_base`, or None."""
-    parts = urlsplit(api_base)
+def transport_problem(base_url: str, allow_insecure_http: bool = False, sends_key: bool = True) -> str | None:
+    """Why requests (with an API key, if `sends_key`) must not go to `base_url`, or None."""
+    parts = urlsplit(base_url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        return f"api_base {api_base!r} is not an http(s) URL such as https://api.openai.com/v1"
-    if sends_key and parts.scheme == "http" and not is_loopback(api_base) and not allow_insecure_http:
-        return (f"api_base {api_base} is plain http to another machine: the API key would cross the "
+        return f"base_url {base_url!r} is not an http(s) URL such as https://api.openai.com/v1"
+    if sends_key and parts.scheme == "http" and not is_loopback(base_url) and not allow_insecure_http:
+        return (f"base_url {base_url} is plain http to another machine: the API key would cross the "
                 "network unencrypted; use https, or set allow_insecure_http: true on a network you trust")
     return None
 
@@ -129,12 +129,12 @@ def new_session() -> requests.Session:
 
 
 class OpenAIBackend:
-    """Captions through POST {api_base}/chat/completions."""
+    """Captions through POST {base_url}/chat/completions."""
 
     def __init__(
         self,
         *,
-        api_base: str,
+        base_url: str,
         model: str,
         api_key_env: str | None = "OPENAI_API_KEY",
         concurrency: int = 8,
@@ -150,7 +150,7 @@ class OpenAIBackend:
             raise ValueError(f"concurrency must be at least 1, got {concurrency}")
         if retries < 0:
             raise ValueError(f"retries must be 0 or more, got {retries}")
-        self.api_base = api_base.rstrip("/")
+        self.base_url = base_url.rstrip("/")
         self.model = model
         self.api_key_env = api_key_env
         self.concurrency = concurrency
@@ -162,7 +162,7 @@ class OpenAIBackend:
         self.max_backoff = max_backoff
         self.sleep: Callable[[float], None] = time.sleep  # tests swap this out to avoid waiting
         self.api_key = self._read_key()
-        problem = transport_problem(self.api_base, allow_insecure_http, sends_key=self.api_key is not None)
+        problem = transport_problem(self.base_url, allow_insecure_http, sends_key=self.api_key is not None)
         if problem:
             raise ValueError(problem)
 
@@ -174,10 +174,10 @@ class OpenAIBackend:
             if key != key.strip() or not key.isprintable():  # never quote the key itself
                 raise ValueError(f"${self.api_key_env} holds whitespace or control characters: set it to the key alone")
             return key
-        if is_loopback(self.api_base):
+        if is_loopback(self.base_url):
             return None  # a local server without auth: send no Authorization header
         raise ValueError(
-            f"no API key for {self.api_base}: set the environment variable {self.api_key_env}"
+            f"no API key for {self.base_url}: set the environment variable {self.api_key_env}"
         )
 
     def redact(self, text: str) -> str:
@@ -212,7 +212,7 @@ class OpenAIBackend:
 
     def check(self) -> None:
         """Fail fast, before any work, when the service is unreachable or refuses the key."""
-        url = f"{self.api_base}/models"
+        url = f"{self.base_url}/models"
         limit = min(self.timeout, CHECK_TIMEOUT)
         with requests.Session() as session:
             for attempt in range(self.retries + 1):
@@ -296,7 +296,7 @@ class OpenAIBackend:
 
     def _post(self, session: requests.Session, request: CaptionRequest, stop: threading.Event) -> str | Exception:
         """One request with retries: the caption, or the Exception that ended it."""
-        url = f"{self.api_base}/chat/completions"
+        url = f"{self.base_url}/chat/completions"
         payload = self._payload(request)
         timeout = (min(self.timeout, CHECK_TIMEOUT), self.timeout)
         failure = ""
