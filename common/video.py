@@ -37,6 +37,15 @@ from av.video.reformatter import VideoReformatter
 # Key frames to step back when the one a seek lands on does not decode, before decoding from the start.
 SEEK_ATTEMPTS = 4
 
+# Still-image codecs. FFmpeg opens a lone picture as a one-frame video stream whatever the file is
+# called (a PNG renamed .mp4 comes through `png_pipe`); one such frame is an image, not a video.
+# Several frames of one (motion JPEG, an animated GIF or WebP) are a video.
+IMAGE_CODECS = frozenset({
+    "png", "apng", "mjpeg", "jpegls", "jpeg2000", "jpegxl", "bmp", "tiff", "webp", "gif", "qoi", "ppm",
+    "pgm", "pgmyuv", "pbm", "pam", "pfm", "targa", "sgi", "dpx", "exr", "hdr", "pcx", "sunrast", "xbm",
+    "xpm", "xwd", "psd", "dds", "phm", "vbn", "photocd",
+})
+
 
 class SourceError(Exception):
     """The source cannot be used; the message is the reason recorded in the rejects table."""
@@ -145,8 +154,20 @@ def probe(uri: str) -> SourceInfo:
         else:
             duration = 0.0
         num_frames = stream.frames or int(round(duration * fps))
+        if ctx.name in IMAGE_CODECS and _packets_at_most_one(container, stream):
+            raise SourceError(f"a still image ({ctx.name}, read by FFmpeg's {container.format.name} demuxer), "
+                              "not a video: one frame of an image codec")
         size = os.path.getsize(local_path(uri)) if is_local(uri) else None
         return SourceInfo(uri, ctx.width, ctx.height, fps, num_frames, duration, ctx.name, size)
+
+
+def _packets_at_most_one(container: av.container.InputContainer, stream: av.video.stream.VideoStream) -> bool:
+    """Whether the stream holds one picture at most (reads two packets at most, decodes none)."""
+    packets = (packet for packet in container.demux(stream) if packet.size)
+    try:
+        return sum(1 for _ in itertools.islice(packets, 2)) <= 1
+    except av.FFmpegError:  # a broken stream is for the decoder to report
+        return False
 
 
 def set_decode_threads(stream: av.video.stream.VideoStream, threads: int) -> None:

@@ -147,3 +147,41 @@ def test_a_crashing_segmenter_fails_only_its_source(tmp_path, corpus):
     assert manifest["sources"]["failed"] == 3 and manifest["accounted"]
     reasons = read_rejects(out).column("reason").to_pylist()
     assert all(r.startswith("RuntimeError: detector broke") for r in reasons)
+
+
+def _mjpeg_avi(path, frames: int) -> None:
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("mjpeg", rate=24)
+        stream.width, stream.height, stream.pix_fmt = 96, 64, "yuvj420p"
+        for i in range(frames):
+            rgb = np.full((64, 96, 3), (i * 7) % 256, np.uint8)
+            rgb[:, : 10 + i] = 255
+            for packet in stream.encode(av.VideoFrame.from_ndarray(rgb, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+
+
+def test_a_still_image_in_a_video_file_is_not_a_video(tmp_path):
+    """FFmpeg opens a PNG renamed .mp4 as a one-frame stream: it is refused as an image, while a
+    motion-JPEG video (an image codec, many frames) goes through."""
+    picture = np.zeros((64, 96, 3), np.uint8)
+    picture[:, 40:] = (200, 30, 30)
+    folder = tmp_path / "in"
+    folder.mkdir()
+    (folder / "png_renamed.mp4").write_bytes(cv2.imencode(".png", picture)[1].tobytes())
+    (folder / "jpeg_renamed.mov").write_bytes(cv2.imencode(".jpg", picture)[1].tobytes())
+    _mjpeg_avi(folder / "one_frame_mjpeg.avi", 1)
+    _mjpeg_avi(folder / "mjpeg_video.avi", 48)
+    out = tmp_path / "out"
+    manifest = run(from_dict({"input": str(folder), "output": str(out), "executor": {"mode": "local"},
+                              "process": [{"shot_split": {}}]}))
+    reasons = reasons_by_source(read_rejects(out))
+    for name, codec in [("png_renamed.mp4", "png"), ("jpeg_renamed.mov", "mjpeg"), ("one_frame_mjpeg.avi", "mjpeg")]:
+        (status, op, reason), = reasons[str(folder / name)]
+        assert (status, op) == ("failed", "read") and reason.startswith(f"a still image ({codec},"), (name, reason)
+        assert reason.endswith("not a video: one frame of an image codec")
+    kept = read_shards(out).to_pylist()
+    assert {r["source_uri"] for r in kept} == {str(folder / "mjpeg_video.avi")}
+    assert all(r["kind"] == "video" for r in kept) and sum(r["end_frame"] - r["start_frame"] for r in kept) == 48
+    assert manifest["sources"]["failed"] == 3 and manifest["accounted"]
