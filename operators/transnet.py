@@ -46,6 +46,17 @@ def resolve_device(wanted: str) -> str:
     return device
 
 
+_models: dict[str, object] = {}
+
+
+def shared_model(device: str):
+    """One model per process and device: a worker process that runs many sources' tasks (Ray
+    reuses them) loads the weights once. Inference only reads the model."""
+    if device not in _models:
+        _models[device] = load_model(device)
+    return _models[device]
+
+
 def load_model(device: str):
     """TransNetV2 with the weights its package ships, loaded by the package, in eval mode.
 

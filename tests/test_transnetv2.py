@@ -24,7 +24,7 @@ from bricks.common.video import decode, display_rotation, display_size, encode_m
 from bricks.engine.extras import EXTRA_OF, check_plan, MissingExtraError  # noqa: E402
 from bricks.engine.frames import segmenter_frame  # noqa: E402
 from bricks.engine.plan import build  # noqa: E402
-from bricks.engine.recipe import from_dict  # noqa: E402
+from bricks.engine.recipe import RecipeError, from_dict  # noqa: E402
 from bricks.engine.run import run  # noqa: E402
 from bricks.operators import transnet  # noqa: E402
 from bricks.operators.shot_split import ShotSplit, ShotSplitParams  # noqa: E402
@@ -128,6 +128,21 @@ def test_parameters_belong_to_their_detector():
         ShotSplitParams(detector="transnetv2", min_scene_len=10)
     with pytest.raises(ValueError, match="batch_windows does not apply to detector content"):
         ShotSplitParams(batch_windows=4)
+
+
+def test_sources_reserve_the_gpu_share_transnetv2_asks_for(tmp_path, model):
+    def plan(**params):
+        return build(from_dict({"input": str(tmp_path), "output": str(tmp_path / "out"),
+                                "process": [{"shot_split": {"detector": "transnetv2", **params}}]}))
+
+    assert plan().source_resources.gpus == 0
+    assert plan(device="cuda", num_gpus=0.25).source_resources.gpus == 0.25
+    assert plan(device="cpu", num_gpus=0.25).source_resources.gpus == 0  # nothing to hold a GPU for
+    with pytest.raises(RecipeError, match="num_gpus does not apply to detector content"):
+        build(from_dict({"input": str(tmp_path), "output": str(tmp_path / "out"),
+                         "process": [{"shot_split": {"num_gpus": 1}}]}))
+    # Each worker process loads the weights once, whatever the number of sources it runs.
+    assert transnet.shared_model("cpu") is transnet.shared_model("cpu")
 
 
 def test_a_missing_package_names_the_extra(monkeypatch, tmp_path):
