@@ -73,10 +73,43 @@ def run(recipe: str, overrides: tuple[str, ...], address: str | None, local: boo
     except USER_ERRORS as exc:
         _fail(exc)
     print_summary(manifest, loaded.model.output)
+    _say_report(manifest, loaded.model.output)
     failed = manifest["rejects"]["failed"]  # failed sources are rows of the rejects table too
     if strict and failed:
         click.echo(f"bricks-dj: {failed} failures (see {loaded.model.output}/rejects)", err=True)
         sys.exit(1)
+
+
+def _say_report(manifest: dict, out: str) -> None:
+    report = manifest.get("report") or {}
+    if report.get("written"):
+        click.echo(f"report: {out.rstrip('/')}/{report['file']}")
+    # else: the run has already warned why
+
+
+@main.command()
+@click.argument("out")
+@click.option("--train-config", help="A training config (a shipped name or a path): show how it buckets the samples.")
+@click.option("--world-size", default=1, show_default=True, type=click.IntRange(min=1),
+              help="GPUs the trainer would run on (steps per epoch, GPU-hours).")
+@click.option("--samples-per-second", type=click.FloatRange(min=0, min_open=True),
+              help="Measured training throughput of the whole job (as bricks-train logs it): GPU-hours per epoch.")
+@click.option("--t5", help="T5 tokenizer for caption lengths: a folder, a repo id in the Hugging Face cache, "
+                           "or `tiny` (default: the training config's, else DeepFloyd/t5-v1_1-xxl).")
+def report(out: str, train_config: str | None, world_size: int, samples_per_second: float | None,
+           t5: str | None) -> None:
+    """Write OUT/report.html: the funnel, score histograms with thresholds, thumbnails, the kept
+    samples' distributions and, with --train-config, the trainer's buckets. Self-contained: open
+    it in a browser, offline."""
+    from .report import ReportError, ReportOptions, write_report
+
+    if samples_per_second is not None and not train_config:
+        raise click.UsageError("--samples-per-second needs --train-config (GPU-hours come from its buckets)")
+    try:
+        path = write_report(out, ReportOptions(train_config, world_size, samples_per_second, t5))
+    except ReportError as exc:
+        _fail(exc)
+    click.echo(f"report: {path}")
 
 
 @main.command()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import platform
 import time
 from dataclasses import dataclass
@@ -27,6 +28,8 @@ from .recipe import Recipe
 from .runners import merge_function, run_local, run_ray
 from .schema import SCHEMA_VERSION
 from .store import open_store
+
+log = logging.getLogger("bricks")
 
 # Either build of scenedetect and OpenCV (the headless ones are the dependencies), whichever is here.
 VERSIONED = ("bricks", "av", "scenedetect", "scenedetect-headless", "opencv-python", "opencv-python-headless",
@@ -84,8 +87,22 @@ def run(recipe: Recipe, *, overwrite: bool = False, mode: str | None = None,
         manifest["driver"] = {"bytes_received": received}
         manifest["dataset_card"] = write_card(open_store(out), manifest,
                                               {c: s.op.name for s in plan.steps for c in s.op.outputs})
+        manifest["report"] = _write_report(out, manifest)
         write_manifest(out, manifest)
     return manifest
+
+
+def _write_report(out: str, manifest: dict[str, Any]) -> dict[str, Any]:
+    """OUT/report.html; a report that cannot be made costs the run nothing but one warning."""
+    try:
+        from .report import write_report
+
+        return {"written": True, "file": write_report(out, manifest=manifest).rsplit("/", 1)[-1]}
+    except Exception as exc:  # the run's output is complete: no error of the report may lose it
+        text = str(exc).splitlines()[0] if str(exc) else ""
+        reason = text if type(exc).__name__ == "ReportError" else f"{type(exc).__name__}: {text}"
+        log.warning("report not written: %s", reason)
+        return {"written": False, "reason": reason}
 
 
 def _unwrap_errors(tables):
