@@ -20,7 +20,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from .operator import Frames, Operator, Sample
-from .schema import REJECT_COLUMNS, rejects_schema, scores_json
+from .schema import REJECT_COLUMNS, fields_json, rejects_schema, scores_json
 
 KEPT, DROPPED, FAILED, WRITTEN = "kept", "dropped", "failed", "written"
 
@@ -37,6 +37,7 @@ ROW_COLUMNS: dict[str, pa.DataType] = {
     "_op": pa.string(),  # the step label that dropped or failed the sample
     "_reason": pa.string(),
     "_scores": pa.string(),  # JSON of the scores recorded before the decision
+    "_fields": pa.string(),  # JSON of a per-source reject's sample (model stages keep the row itself)
     "_stats": pa.string(),  # JSON: the source's statistics, on one of its rows
     "_frames": pa.list_(FRAME),  # frames for the model operators still to run
     "_inputs": pa.binary(),  # a model operator's own inputs, between pre-processing and inference
@@ -45,7 +46,7 @@ ROW_COLUMNS: dict[str, pa.DataType] = {
 }
 
 # Reject files hold the shard's identifying columns and these, without the underscore.
-_REJECT_FIELDS = {"status": "_status", "op": "_op", "reason": "_reason", "scores": "_scores"}
+_REJECT_FIELDS = {"status": "_status", "op": "_op", "reason": "_reason", "scores": "_scores", "fields": "_fields"}
 
 
 def result_schema(shard: pa.Schema) -> pa.Schema:
@@ -58,7 +59,8 @@ def reject_record(uri: str, sample: Sample | None, op: str, status: str, reason:
     sample = sample or {}
     return {"sample_id": sample.get("sample_id"), "kind": sample.get("kind", "source"), "source_uri": uri,
             "start_frame": sample.get("start_frame"), "end_frame": sample.get("end_frame"),
-            "status": status, "op": op, "reason": reason, "scores": scores_json(scores or {})}
+            "status": status, "op": op, "reason": reason, "scores": scores_json(scores or {}),
+            "fields": fields_json(sample)}
 
 
 def verdict(op: Operator, fields: dict[str, Any]) -> str | None:
@@ -166,9 +168,22 @@ def split(table: pa.Table, shard: pa.Schema) -> tuple[pa.Table, pa.Table, list[d
     status = table.column("_status")
     kept = table.filter(pc.equal(status, KEPT)).select(shard.names).cast(shard)
     parts = [json.loads(p) for p in table.filter(pc.equal(status, WRITTEN)).column("_part").to_pylist()]
-    rejected = table.filter(pc.invert(pc.is_in(status, pa.array([KEPT, WRITTEN]))))
+    rejected = _with_fields(table.filter(pc.invert(pc.is_in(status, pa.array([KEPT, WRITTEN])))), shard)
     rejects = rejected.select([_REJECT_FIELDS.get(n, n) for n in REJECT_COLUMNS]).rename_columns(list(REJECT_COLUMNS))
     return kept, rejects.cast(rejects_schema()), parts
+
+
+def _with_fields(rejected: pa.Table, shard: pa.Schema) -> pa.Table:
+    """Rows a model stage (or a stage after it) marked still hold the sample's columns:
+    their `_fields` are made from those, as the per-source rejects' are from the sample."""
+    cells = rejected.column("_fields").to_pylist()
+    todo = [i for i, (cell, sid) in enumerate(zip(cells, rejected.column("sample_id").to_pylist()))
+            if cell is None and sid is not None]
+    if not todo:
+        return rejected
+    names = [n for n in shard.names if n != "media"]
+    made = [fields_json(row) for row in rejected.select(names).take(pa.array(todo, pa.int64())).to_pylist()]
+    return set_values(rejected, "_fields", todo, made)
 
 
 def write_kept(table: pa.Table, shard: pa.Schema, write: Callable[[pa.Table], list[dict[str, Any]]]) -> pa.Table:

@@ -47,6 +47,9 @@ REJECT_COLUMNS: dict[str, pa.DataType] = {
     "op": pa.string(),  # the operator (or "read" for the source itself)
     "reason": pa.string(),
     "scores": pa.string(),  # JSON of the scores recorded before the decision
+    # JSON of the sample's columns (all but `media`) as they were at the decision, so that a
+    # what-if (`bricks-dj refilter`) can bring the sample back without decoding it again.
+    "fields": pa.string(),
 }
 
 
@@ -77,6 +80,12 @@ def to_table(rows: Iterable[dict[str, Any]], schema: pa.Schema) -> pa.Table:
 
 def scores_json(scores: dict[str, Any]) -> str | None:
     return json.dumps(scores, sort_keys=True, default=_json_value) if scores else None
+
+
+def fields_json(sample: dict[str, Any]) -> str | None:
+    """A sample's columns for the rejects' `fields`: not its media, nor the engine's `_` fields."""
+    fields = {k: v for k, v in sample.items() if k != "media" and not k.startswith("_")}
+    return json.dumps(fields, sort_keys=True, default=_json_value) if fields else None
 
 
 def _json_value(value: Any) -> Any:
