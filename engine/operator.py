@@ -100,6 +100,10 @@ class Operator:
     resources: ClassVar[Resources] = Resources()
     # Columns this operator adds to the shard schema (scores, captions...), with Arrow types.
     outputs: ClassVar[dict[str, pa.DataType]] = {}
+    # A filter's parameters that only `keep` reads (min_score...): `bricks-dj refilter` may
+    # change them and decide again from the stored scores. Any other parameter may change
+    # the scores themselves, which needs the frames or the model again.
+    thresholds: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, params: OperatorParams | None = None) -> None:
         # Cheap: runs where the pipeline is built. Load models in `setup`.

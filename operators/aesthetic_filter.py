@@ -52,6 +52,7 @@ class AestheticFilter(ModelOperator):
     description = "LAION aesthetic score (CLIP ViT-L/14 + MLP) of frames per clip, in `aes`; keep min..max."
     Params = AestheticParams
     outputs = {"aes": pa.float64()}
+    thresholds = ("min_score", "max_score")
 
     @property
     def image_size(self) -> int:

@@ -32,6 +32,7 @@ class ResolutionFilter(Filter):
     name = "resolution_filter"
     description = "Keep videos whose displayed width and height lie within the given bounds."
     Params = ResolutionParams
+    thresholds = ("min_width", "max_width", "min_height", "max_height")
 
     def score(self, sample, frames):
         return {"width": sample["width"], "height": sample["height"]}
@@ -57,6 +58,7 @@ class DurationFilter(Filter):
     name = "duration_filter"
     description = "Keep videos (or clips) lasting min_duration to max_duration seconds."
     Params = DurationParams
+    thresholds = ("min_duration", "max_duration")
 
     def applies_to(self, sample) -> bool:
         return sample["kind"] == "video"
@@ -84,6 +86,7 @@ class FpsFilter(Filter):
     name = "fps_filter"
     description = "Keep videos whose average frame rate lies within min_fps..max_fps."
     Params = FpsParams
+    thresholds = ("min_fps", "max_fps")
 
     def applies_to(self, sample) -> bool:
         return sample["kind"] == "video"

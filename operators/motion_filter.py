@@ -48,6 +48,7 @@ class MotionFilter(Filter):
     description = "Score motion by Farneback optical flow on frames at sampling_fps; keep min_score..max_score."
     Params = MotionParams
     outputs = {"flow": pa.float64()}
+    thresholds = ("min_score", "max_score")
 
     def applies_to(self, sample) -> bool:
         return sample["kind"] == "video"
