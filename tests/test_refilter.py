@@ -1,0 +1,153 @@
+"""`bricks-dj refilter`: new thresholds decided from the stored scores equal a re-run, without decoding."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import av
+import pytest
+from click.testing import CliRunner
+
+from bricks.engine.recipe import load
+from bricks.engine.refilter import refilter_command
+from bricks.engine.run import run
+
+from conftest import read_manifest, read_rejects, read_shards, short_video, write_recipe
+
+# Metadata filter after the motion filter: samples a looser motion threshold brings back are
+# scored by it from their stored fields.
+PROCESS = [{"shot_split": {}}, {"clip_length": {"min_frames": 15, "max_frames": 60}},
+           {"motion_filter": {"min_score": 0.25}}, {"duration_filter": {"min_duration": 1.5}}]
+
+
+@pytest.fixture(scope="module")
+def original(tmp_path_factory, corpus) -> tuple[Path, Path]:
+    folder = tmp_path_factory.mktemp("refilter")
+    recipe = write_recipe(folder, PROCESS, input=corpus[0], output=folder / "out")
+    run(load(recipe))
+    return recipe, folder / "out"
+
+
+def checksums(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file() and p.parts[len(folder.parts)] != "whatif"}
+
+
+def refilter(*args: str, decoding: bool = False):
+    """The command, where any probe or decode of a video raises (every reader opens
+    containers with av.open)."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("refilter opened a video")
+
+    with pytest.MonkeyPatch.context() as patched:
+        if not decoding:
+            patched.setattr(av, "open", refuse)
+        return CliRunner().invoke(refilter_command, list(args))
+
+
+def rows_by_id(table) -> dict[str, dict]:
+    return {row["sample_id"]: row for row in table.to_pylist()}
+
+
+def counts(manifest: dict) -> list[tuple]:
+    return [(op["name"], op["in"], op["out"], op["dropped"], op["failed"]) for op in manifest["ops"]]
+
+
+@pytest.mark.parametrize("overrides", [
+    ["process.motion_filter.min_score=3.5"],   # tighter: kept clips are dropped
+    ["process.motion_filter.min_score=0"],     # looser: static clips come back, then meet duration_filter
+    ["process.duration_filter.min_duration=2.2"],
+    ["process.duration_filter.min_duration=0.5"],
+    ["process.motion_filter.min_score=0", "process.duration_filter.min_duration=0.8"],
+])
+def test_new_thresholds_give_what_a_rerun_gives(tmp_path, original, overrides):
+    recipe, out = original
+    before = checksums(out)
+    sets = [arg for o in overrides for arg in ("--set", o)]
+    result = refilter(str(out), *sets, "--to", str(tmp_path / "what"))
+    assert result.exit_code == 0, result.output
+    assert checksums(out) == before
+    run(load(recipe, [*overrides, f"output={tmp_path / 'rerun'}"]))
+    new, rerun = read_shards(tmp_path / "what"), read_shards(tmp_path / "rerun")
+    assert new.schema.names == rerun.schema.names
+    assert rows_by_id(new) == rows_by_id(rerun)
+    assert len(new) != len(read_shards(out))
+    mine, theirs = read_rejects(tmp_path / "what"), read_rejects(tmp_path / "rerun")
+    key = lambda r: (r["sample_id"], r["source_uri"], r["start_frame"], r["op"], r["status"], r["reason"])  # noqa: E731
+    assert sorted(map(key, mine.to_pylist())) == sorted(map(key, theirs.to_pylist()))
+    a, b = read_manifest(tmp_path / "what"), read_manifest(tmp_path / "rerun")
+    assert counts(a) == counts(b)
+    assert (a["samples"], a["rejects"], a["recipe_key"]) == (b["samples"], b["rejects"], b["recipe_key"])
+    assert {k: a["sources"][k] for k in ("total", "kept", "dropped", "failed")} == \
+        {k: b["sources"][k] for k in ("total", "kept", "dropped", "failed")}
+    assert a["decode"]["frames"] == 0 and a["refilter"]["set"] == overrides
+
+
+def test_loosening_brings_back_the_static_clips(tmp_path, original):
+    _, out = original
+    result = refilter(str(out), "--set", "process.motion_filter.min_score=0", "--to", str(tmp_path / "what"))
+    assert result.exit_code == 0, result.output
+    manifest = read_manifest(tmp_path / "what")
+    assert manifest["refilter"]["brought_back"] > 0
+    motion = next(op for op in manifest["ops"] if op["name"] == "motion_filter")
+    assert motion["dropped"] == 0
+
+
+def test_without_to_a_whatif_manifest_in_out_and_a_table(original):
+    _, out = original
+    before = checksums(out)
+    result = refilter(str(out), "--set", "process.motion_filter.min_score=3.5")
+    assert result.exit_code == 0, result.output
+    assert checksums(out) == before
+    whatif = json.loads((out / "whatif" / "manifest.json").read_text())
+    original_manifest = read_manifest(out)
+    assert whatif["samples"]["total"] < original_manifest["samples"]["total"]
+    assert whatif["shards"] == [] and whatif["recipe"]["process"][2]["motion_filter"]["min_score"] == 3.5
+    assert sum(whatif["sources"][k] for k in ("kept", "dropped", "failed")) == original_manifest["sources"]["total"]
+    total = lambda m: m["samples"]["total"] + m["rejects"]["dropped"] + m["rejects"]["failed"]  # noqa: E731
+    assert total(whatif) == total(original_manifest)
+    line = next(line for line in result.output.splitlines() if line.startswith("2:motion_filter"))
+    assert "->" in line
+    again = refilter(str(out), "--set", "process.motion_filter.min_score=0.5")  # its own file is replaced
+    assert again.exit_code == 0, again.output
+
+
+@pytest.mark.parametrize("args, says", [
+    (["--set", "process.clip_length.min_frames=30"], "clip_length is not a filter"),
+    (["--set", "process.motion_filter.sampling_fps=4"], "motion_filter.sampling_fps: not a threshold"),
+    (["--set", "executor.mode=ray"], "refilter changes thresholds only"),
+    (["--set", "process.aesthetic_filter.min_score=1"], "no item named 'aesthetic_filter'"),
+    (["--set", "process.motion_filter.min_score=0.25"], "changes no parameter"),
+    (["--set", "process.motion_filter.min_score=-1"], "motion_filter"),
+    ([], "give at least one --set"),
+])
+def test_refusals_are_one_line_with_status_2(original, args, says):
+    _, out = original
+    before = checksums(out)
+    result = refilter(str(out), *args)
+    assert result.exit_code == 2, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("bricks-dj: error: ") and says in lines[0], result.output
+    assert checksums(out) == before
+
+
+def test_to_a_folder_that_is_not_empty_is_refused(tmp_path, original):
+    _, out = original
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "notes.txt").write_text("mine")
+    result = refilter(str(out), "--set", "process.motion_filter.min_score=1", "--to", str(tmp_path / "taken"))
+    assert result.exit_code == 2 and "not empty" in result.output
+    assert (tmp_path / "taken" / "notes.txt").read_text() == "mine"
+
+
+def test_samples_that_would_need_frames_later_are_refused(tmp_path):
+    video = short_video(tmp_path / "v.mp4", shots=((30, False), (30, True)))
+    process = [{"shot_split": {}}, {"motion_filter": {"min_score": 0.25}}, {"encode_clips": {"short_side": 32}}]
+    run(load(write_recipe(tmp_path, process, input=video.path, output=tmp_path / "out")))
+    tighter = refilter(str(tmp_path / "out"), "--set", "process.motion_filter.min_score=1000")
+    assert tighter.exit_code == 0, tighter.output  # dropping more needs nothing new
+    looser = refilter(str(tmp_path / "out"), "--set", "process.motion_filter.min_score=0")
+    assert looser.exit_code == 2
+    assert "never reached 2:encode_clips, which needs frames" in looser.output
