@@ -151,3 +151,33 @@ def test_samples_that_would_need_frames_later_are_refused(tmp_path):
     looser = refilter(str(tmp_path / "out"), "--set", "process.motion_filter.min_score=0")
     assert looser.exit_code == 2
     assert "never reached 2:encode_clips, which needs frames" in looser.output
+
+
+@pytest.fixture(scope="module")
+def with_model(tmp_path_factory, corpus) -> tuple[Path, Path]:
+    """A model filter last: the tiny aesthetic model (random weights, seeded) on CPU."""
+    pytest.importorskip("open_clip")
+    folder = tmp_path_factory.mktemp("refilter-model")
+    process = [*PROCESS[:3], {"aesthetic_filter": {"preset": "tiny", "device": "cpu", "min_score": 0.0765}}]
+    recipe = write_recipe(folder, process, input=corpus[0], output=folder / "out")
+    run(load(recipe))
+    return recipe, folder / "out"
+
+
+@pytest.mark.parametrize("override", ["process.aesthetic_filter.min_score=0.077",
+                                      "process.aesthetic_filter.min_score=0"])
+def test_a_model_filter_decides_again_from_its_stored_scores(tmp_path, with_model, override):
+    recipe, out = with_model
+    result = refilter(str(out), "--set", override, "--to", str(tmp_path / "what"))
+    assert result.exit_code == 0, result.output
+    run(load(recipe, [override, f"output={tmp_path / 'rerun'}"]))
+    new, rerun = read_shards(tmp_path / "what"), read_shards(tmp_path / "rerun")
+    assert len(new) != len(read_shards(out)) and rows_by_id(new) == rows_by_id(rerun)
+    assert counts(read_manifest(tmp_path / "what")) == counts(read_manifest(tmp_path / "rerun"))
+
+
+def test_bringing_back_samples_a_model_never_saw_is_refused(with_model):
+    _, out = with_model
+    result = refilter(str(out), "--set", "process.motion_filter.min_score=0")
+    assert result.exit_code == 2
+    assert "never reached 3:aesthetic_filter, which needs a model" in result.output
