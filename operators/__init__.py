@@ -4,6 +4,7 @@ from . import (  # noqa: F401  (imported for registration)
     aesthetic_filter,
     clip_length,
     encode_clips,
+    encode_latents,
     metadata_filters,
     middle_frame,
     motion_filter,

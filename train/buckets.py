@@ -78,9 +78,11 @@ class Buckets:
         self.pixels = {r: table[r]["pixels"] for r in self.order}
         self.sizes = {r: table[r]["sizes"] for r in self.order}
 
-    def assign(self, num_frames: int, height: int, width: int, is_image: bool, seed: object) -> BucketKey | None:
+    def assign(self, num_frames: int, height: int, width: int, is_image: bool, seed: object,
+               draw: bool = True) -> BucketKey | None:
         """The bucket of one sample, or None. `seed` (e.g. the run seed, epoch and sample id)
-        makes the keep_prob draws reproducible."""
+        makes the keep_prob draws reproducible. `draw=False` takes the first choice instead (no
+        fall-through, but never a bucket of keep_prob 0): the bucket of precomputed latents."""
         area = height * width
         for resolution in self.order:
             if area < self.pixels[resolution] * PIXEL_TOLERANCE:
@@ -94,6 +96,10 @@ class Buckets:
             if chosen is None:
                 continue
             keep_prob = lengths[chosen][0]
+            if not draw:
+                if keep_prob > 0:
+                    return BucketKey(resolution, chosen, closest_ratio(height / width, resolution))
+                continue
             if keep_prob >= 1 or np.random.default_rng(stable_seed(seed, resolution, chosen)).random() < keep_prob:
                 return BucketKey(resolution, chosen, closest_ratio(height / width, resolution))
         return None

@@ -60,12 +60,18 @@ class ModelSection(_Strict):
     tiny: bool = False
     """Tiny random-init STDiT2, VAE and T5 (CPU tests and smoke runs; `ckpt` may still give the
     STDiT2 weights). The trainer logs that they are in use."""
+    vae_posterior: Literal["sample", "mean"] = "sample"
+    """Latents encoded during training: a draw from the VAE posterior (as Open-Sora trains), or
+    its mean, which is what `encode_latents` stores (rows with stored latents use those)."""
 
 
 class DataSection(_Strict):
     bucket_config: dict[str, Any]
     """{resolution: {num_frames: [keep_prob, batch_size]}}, as Open-Sora 1.1 writes it."""
     frame_interval: int = Field(default=1, ge=1)
+    temporal_crop: Literal["random", "center"] = "random"
+    """Which frames of a longer clip are decoded: from a random start (seeded per sample and
+    epoch, as Open-Sora crops), or the middle window, the crop `encode_latents` stores."""
     num_workers: int = Field(default=2, ge=0)
     """Loader processes per rank; each reads its own row groups."""
     prefetch_factor: int = Field(default=2, ge=1)
@@ -209,7 +215,9 @@ def resolve_config_path(ref: str | Path) -> Path:
                            f"(shipped: {', '.join(shipped_configs())})")
 
 
-def load_config(ref: str | Path, overrides: list[str] = ()) -> TrainConfig:
+def load_config(ref: str | Path, overrides: list[str] = (), for_training: bool = True) -> TrainConfig:
+    """`for_training=False` (a config read for its buckets and encoders) skips checking that
+    its logging packages are installed."""
     path = resolve_config_path(ref)
     try:
         data = read_yaml_mapping(path, "training config",
@@ -218,15 +226,16 @@ def load_config(ref: str | Path, overrides: list[str] = ()) -> TrainConfig:
             apply_override(data, keys, value, str(path))
     except SettingsError as exc:
         raise TrainConfigError(str(exc)) from None
-    return from_dict(data, str(path))
+    return from_dict(data, str(path), for_training)
 
 
-def from_dict(data: dict, where: str = "<config>") -> TrainConfig:
+def from_dict(data: dict, where: str = "<config>", for_training: bool = True) -> TrainConfig:
     try:
         config = TrainConfig.model_validate(data)
     except ValidationError as exc:
         raise TrainConfigError(f"{where}: {first_error(exc, TrainConfig)}") from None
-    check_logging(config.logging, where)
+    if for_training:
+        check_logging(config.logging, where)
     return config
 
 

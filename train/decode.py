@@ -4,7 +4,8 @@ They stay 8-bit until they reach the training device, where `normalize` maps the
 [-1, 1]: a quarter of the memory and of the host-to-GPU copy of float pixels.
 
 Clips: `num_frames` frames `frame_interval` apart, from a random start (seeded per sample and
-epoch), as Open-Sora's temporal crop takes them; scaled in libswscale so the frame covers the
+epoch), as Open-Sora's temporal crop takes them, or from the middle start (`data.temporal_crop:
+center`, the crop `encode_latents` stores latents of); scaled in libswscale so the frame covers the
 bucket's size, then centre-cropped. Images: the same resize and crop, T = 1. Media come from
 the shard's `media` bytes or, in reference mode, from `path` (a path or fsspec URI) between
 `start_frame` and `end_frame`.
@@ -37,13 +38,16 @@ class BadSample(Exception):
     """This sample cannot be trained on (the reason is the message); the loader skips it."""
 
 
-def temporal_indices(available: int, num_frames: int, frame_interval: int, rng: np.random.Generator) -> np.ndarray:
+def temporal_indices(available: int, num_frames: int, frame_interval: int,
+                     rng: np.random.Generator | None) -> np.ndarray:
     """Open-Sora's temporal random crop: a window of num_frames * frame_interval frames at a
-    random start, `num_frames` indices spread evenly over it."""
+    random start, `num_frames` indices spread evenly over it. `rng=None` takes the middle one
+    of those starts instead (the deterministic crop that precomputed latents are made with)."""
     span = num_frames * frame_interval
     if available < num_frames:
         raise BadSample(f"too few frames: {available} decoded, {num_frames} needed")
-    start = int(rng.integers(0, max(available - span - 1, 0) + 1))
+    last_start = max(available - span - 1, 0)
+    start = last_start // 2 if rng is None else int(rng.integers(0, last_start + 1))
     end = min(start + span, available)
     return np.linspace(start, end - 1, num_frames).astype(int)
 
@@ -68,7 +72,7 @@ def normalize(video: torch.Tensor) -> torch.Tensor:
 
 
 def read_clip(source: bytes | str, num_frames: int, frame_interval: int, size: tuple[int, int],
-              rng: np.random.Generator, start_frame: int = 0, end_frame: int | None = None,
+              rng: np.random.Generator | None, start_frame: int = 0, end_frame: int | None = None,
               start_time: float | None = None, stats: DecodeStats | None = None) -> torch.Tensor:
     """Frames of a clip: MP4 bytes, or a source file between `start_frame` and `end_frame`.
 
@@ -153,12 +157,35 @@ def read_image(source: bytes | str, size: tuple[int, int]) -> torch.Tensor:
     return _to_tensor([_center_crop(array, target_h, target_w)])
 
 
-def read_array(data: bytes, what: str) -> torch.Tensor:
-    """A precomputed input stored as `.npy` bytes (float16 or float32) as a float32 tensor."""
+def read_sample(row: dict, num_frames: int, size: tuple[int, int], frame_interval: int,
+                rng: np.random.Generator | None) -> torch.Tensor:
+    """A shard row's pixels at the bucket's size, as the trainer trains on them: an image, or
+    a clip from `media` or (reference mode) from `path` between its start and end frames."""
+    source = row.get("media") if row.get("media") is not None else row.get("path")
+    if source is None:
+        raise BadSample("no media and no path")
+    if row.get("kind") == "image" or num_frames == 1 and row.get("media_format") == "jpeg":
+        return read_image(source, size)
+    if row.get("media") is not None:
+        return read_clip(source, num_frames, frame_interval, size, rng)
+    return read_clip(source, num_frames, frame_interval, size, rng, int(row.get("start_frame") or 0),
+                     row.get("end_frame"), row.get("start_time"))
+
+
+def read_array(data: bytes, what: str, dtype: str | None = None) -> torch.Tensor:
+    """A precomputed input stored as `.npy` bytes as a float32 tensor: float16 or float32, or,
+    with `dtype="bf16"` (the row's `latent_dtype`), uint16 holding bfloat16 bit patterns,
+    since .npy has no bfloat16. Both stored forms convert to float32 exactly."""
     try:
         array = np.load(io.BytesIO(data), allow_pickle=False)
     except (ValueError, OSError, EOFError) as exc:
         raise BadSample(f"{what}: not a .npy array ({str(exc)[:120]})") from None
+    if dtype == "bf16":
+        if array.dtype != np.uint16:
+            raise BadSample(f"{what}: latent_dtype is bf16, so the array should be uint16 bit patterns, got {array.dtype}")
+        return torch.from_numpy((array.astype(np.uint32) << 16).view(np.float32))
+    if dtype not in (None, "fp16"):
+        raise BadSample(f"{what}: unknown latent_dtype {dtype!r} (bf16 or fp16)")
     if array.dtype.kind != "f":
         raise BadSample(f"{what}: expected floats, got {array.dtype}")
     return torch.from_numpy(array.astype(np.float32, copy=False))

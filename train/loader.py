@@ -25,7 +25,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from bricks.model.sampling import IMAGE_FPS
 
 from .buckets import Buckets, stable_seed
-from .decode import BadSample, read_array, read_clip, read_image
+from .decode import BadSample, read_array, read_sample
 from .plan import Batch, EpochPlan, plan_epoch
 from .shards import SAMPLE_COLUMNS, ShardIndex, open_parquet
 
@@ -53,8 +53,9 @@ class LoaderState:
 
 class ShardDataset(IterableDataset):
     def __init__(self, index: ShardIndex, buckets: Buckets, *, seed: int = 0, world_size: int = 1, rank: int = 0,
-                 streams: int = 1) -> None:
+                 streams: int = 1, temporal_crop: str = "random") -> None:
         self.index, self.buckets = index, buckets
+        self.temporal_crop = temporal_crop  # "random" (seeded per sample and epoch) or "center"
         self.seed, self.world_size, self.rank, self.streams = seed, world_size, rank, max(streams, 1)
         self.epoch, self.consumed = 0, 0
         self._plan: EpochPlan | None = None
@@ -144,11 +145,11 @@ class ShardDataset(IterableDataset):
             sample_id = str(self.index.sample_id[i])
             try:
                 if use_latents:
-                    videos.append(_latent(row["vae_latent"], num_frames, height, width))
+                    videos.append(_latent(row["vae_latent"], row.get("latent_dtype"), num_frames, height, width))
                 else:
                     videos.append(self._pixels(row, sample_id, num_frames, height, width))
                 if use_states:
-                    states.append(read_array(row["t5_states"], "t5_states"))
+                    states.append(read_array(row["t5_states"], "t5_states", row.get("latent_dtype")))
             except BadSample as exc:
                 skipped.append((sample_id, str(exc)))
                 continue
@@ -168,20 +169,13 @@ class ShardDataset(IterableDataset):
         return out
 
     def _pixels(self, row: dict, sample_id: str, num_frames: int, height: int, width: int) -> torch.Tensor:
-        source = row.get("media") if row.get("media") is not None else row.get("path")
-        if source is None:
-            raise BadSample("no media and no path")
-        if row.get("kind") == "image" or num_frames == 1 and row.get("media_format") == "jpeg":
-            return read_image(source, (height, width))
-        rng = np.random.default_rng(stable_seed("crop", self.seed, self.epoch, sample_id))
-        start = 0 if row.get("media") is not None else int(row.get("start_frame") or 0)
-        end = None if row.get("media") is not None else row.get("end_frame")
-        start_time = None if row.get("media") is not None else row.get("start_time")
-        return read_clip(source, num_frames, self.buckets.frame_interval, (height, width), rng, start, end, start_time)
+        rng = (None if self.temporal_crop == "center"
+               else np.random.default_rng(stable_seed("crop", self.seed, self.epoch, sample_id)))
+        return read_sample(row, num_frames, (height, width), self.buckets.frame_interval, rng)
 
 
-def _latent(data: bytes, num_frames: int, height: int, width: int) -> torch.Tensor:
-    latent = read_array(data, "vae_latent")
+def _latent(data: bytes, dtype: str | None, num_frames: int, height: int, width: int) -> torch.Tensor:
+    latent = read_array(data, "vae_latent", dtype)
     if latent.ndim != 4 or latent.shape[1:] != (num_frames, height // 8, width // 8):
         raise BadSample(f"vae_latent is {tuple(latent.shape)}, the bucket needs [C, {num_frames}, {height // 8}, "
                         f"{width // 8}]")

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .buckets import BucketKey, Buckets, stable_seed
+from .latents import parse_bucket
 from .shards import ShardIndex
 
 SLICES_PER_UNIT = 4  # row-group slices each rank x worker should get, at least
@@ -77,10 +78,19 @@ def merge_round_robin(lengths: list[int]) -> list[tuple[int, int]]:
 
 
 def assign_buckets(index: ShardIndex, buckets: Buckets, seed: int, epoch: int) -> list[BucketKey | None]:
+    """Each row's bucket this epoch; a row with a stored latent (checked against the config by
+    `latents.check_latents`) keeps the bucket it was encoded for."""
     keys: list[BucketKey | None] = []
+    stored: dict[str, BucketKey] = {}
     for i in range(len(index)):
         if not index.usable[i]:
             keys.append(None)
+            continue
+        if index.latent_bucket is not None and index.latent_bucket[i] is not None:
+            text = index.latent_bucket[i]
+            if text not in stored:
+                stored[text] = parse_bucket(text)
+            keys.append(stored[text])
             continue
         keys.append(buckets.assign(int(index.num_frames[i]), int(index.height[i]), int(index.width[i]),
                                    bool(index.is_image[i]), seed=(seed, epoch, index.sample_id[i])))

@@ -28,6 +28,8 @@ import pyarrow.parquet as pq
 from bricks.common.errors import first_line
 from bricks.common.video import is_local, local_path
 
+from .latents import LATENT_METADATA, LatentGroup
+
 log = logging.getLogger("bricks")
 
 INDEX_COLUMNS = ["sample_id", "kind", "num_frames", "height", "width", "fps", "text", "media", "path"]
@@ -35,7 +37,7 @@ INDEX_COLUMNS = ["sample_id", "kind", "num_frames", "height", "width", "fps", "t
 # them, the trainer takes them instead of decoding media and running the VAE and T5.
 PRECOMPUTED_COLUMNS = ["vae_latent", "t5_states"]
 SAMPLE_COLUMNS = ["sample_id", "kind", "num_frames", "fps", "height", "width", "text", "media", "media_format",
-                  "path", "start_frame", "end_frame", "start_time", *PRECOMPUTED_COLUMNS]
+                  "path", "start_frame", "end_frame", "start_time", *PRECOMPUTED_COLUMNS, "latent_dtype"]
 
 _STRING, _INTEGER, _BINARY = "a string", "an integer", "binary"
 _NUMBER = "a number"
@@ -43,7 +45,8 @@ _NUMBER = "a number"
 COLUMN_KINDS = {"sample_id": _STRING, "kind": _STRING, "num_frames": _INTEGER, "height": _INTEGER,
                 "width": _INTEGER, "text": _STRING, "media": _BINARY, "media_format": _STRING, "path": _STRING,
                 "fps": _NUMBER, "start_frame": _INTEGER, "end_frame": _INTEGER, "vae_latent": _BINARY,
-                "t5_states": _BINARY}
+                "t5_states": _BINARY, "latent_dtype": _STRING, "latent_bucket": _STRING,
+                "latent_frame_interval": _INTEGER, "latent_vae": _STRING, "latent_text_encoder": _STRING}
 _KIND_CHECKS = {
     _STRING: lambda t: pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_string_view(t),
     _INTEGER: pa.types.is_integer,
@@ -121,6 +124,11 @@ class ShardIndex:
     without_media: int = 0  # captioned rows with neither media nor a path
     reference_sources: dict[str, int] = field(default_factory=dict)
     """Usable rows per source file that they are decoded from (rows without `media`)."""
+    latent_bucket: np.ndarray | None = None
+    """object (str or None): the bucket of each row's stored latent (`encode_latents`); None
+    when no shard has the column."""
+    latent_groups: dict[LatentGroup, tuple[int, int]] = field(default_factory=dict)
+    """Rows with stored latents, by how they were made: (count, an example row)."""
 
     def __len__(self) -> int:
         return len(self.sample_id)
@@ -133,6 +141,9 @@ class ShardIndex:
         digest = hashlib.sha1()
         counts = Counter()
         reference: Counter = Counter()
+        latent_buckets: list[np.ndarray] = []
+        groups: dict[LatentGroup, tuple[int, int]] = {}
+        rows_before = 0
         for f, uri in enumerate(files):
             parquet = _open_shard(uri)
             names = [c for c in INDEX_COLUMNS if c in parquet.schema_arrow.names and c not in ("media", "path")]
@@ -163,14 +174,18 @@ class ShardIndex:
                 if by_path.any():
                     paths = parquet.read_row_group(g, columns=["path"]).column("path").to_pylist()
                     reference.update(p for p, wanted in zip(paths, by_path) if wanted)
+                latent_buckets.append(_latent_metadata(parquet, g, n, rows_before, groups))
+                rows_before += n
                 # Names, not locations: the same shards moved elsewhere are the same data.
                 digest.update(f"{uri.rsplit('/', 1)[-1]}\x1f{g}\x1f{n}\x1f".encode())
                 digest.update("\x1f".join(ids).encode())
         if not columns["file"]:
             raise ShardError(f"data: the shards in {sources} hold no rows")
         arrays = {k: np.concatenate(v) for k, v in columns.items()}
+        stored = np.concatenate(latent_buckets) if groups else None
         return cls(files=files, fingerprint=digest.hexdigest(), without_text=counts["without_text"],
-                   without_media=counts["without_media"], reference_sources=dict(reference), **arrays)
+                   without_media=counts["without_media"], reference_sources=dict(reference), latent_bucket=stored,
+                   latent_groups=groups, **arrays)
 
 
 def check_reference_sources(index: ShardIndex) -> None:
@@ -208,6 +223,29 @@ def _unreadable(path: str) -> str | None:
     if not os.access(local, os.R_OK):
         return "permission denied"
     return None
+
+
+def _latent_metadata(parquet: pq.ParquetFile, group: int, n: int, first_row: int,
+                     groups: dict[LatentGroup, tuple[int, int]]) -> np.ndarray:
+    """Each row's stored latent bucket (None without one), counting the rows into `groups`."""
+    buckets = np.full(n, None, dtype=object)
+    names = parquet.schema_arrow.names
+    if "latent_bucket" not in names or "vae_latent" not in names:
+        return buckets
+    present = _present(parquet, group, "vae_latent", n)
+    if not present.any():
+        return buckets
+    table = parquet.read_row_group(group, columns=[c for c in LATENT_METADATA if c in names])
+    values = {c: table.column(c).to_pylist() if c in table.column_names else [None] * n for c in LATENT_METADATA}
+    for r in np.flatnonzero(present):
+        if values["latent_bucket"][r] is None:
+            continue  # a latent without metadata: the loader checks its shape against the bucket
+        buckets[r] = values["latent_bucket"][r]
+        key = LatentGroup(values["latent_bucket"][r], values["latent_frame_interval"][r], values["latent_vae"][r],
+                          values["latent_text_encoder"][r], tuple(values["vae_latent_shape"][r] or ()))
+        count, example = groups.get(key, (0, first_row + int(r)))
+        groups[key] = (count + 1, example)
+    return buckets
 
 
 def _present(parquet: pq.ParquetFile, group: int, column: str, n: int) -> np.ndarray:

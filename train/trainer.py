@@ -38,6 +38,7 @@ from .buckets import Buckets, stable_seed
 from .config import ModelSection, TrainConfig
 from .decode import normalize
 from .ema import EMA
+from .latents import EncoderSpec, check_latents
 from .loader import LoaderState, ShardDataset
 from .lr_schedule import LRSchedule
 from .masks import draw_masks
@@ -150,9 +151,14 @@ class Trainer:
         buckets = Buckets(config.data.bucket_config, config.data.frame_interval)
         streams = max(config.data.num_workers, 1)
         self.index, self.buckets = index, buckets
+        encoders = EncoderSpec.from_config(config)
+        stored_latents = check_latents(index, buckets, encoders)  # before loading any model
         self.dataset = ShardDataset(index, buckets, seed=config.train.seed, world_size=world.world_size,
-                                    rank=world.rank, streams=streams)
+                                    rank=world.rank, streams=streams, temporal_crop=config.data.temporal_crop)
         log.info("data: %d samples in %d shards", len(index), len(index.files))
+        if stored_latents:
+            log.info("%d samples carry latents from encode_latents (centre crop, posterior mean), trained in their "
+                     "stored buckets", stored_latents)
 
         ckpt = options.ckpt or config.model.ckpt
         if resume_from is not None and options.ckpt:
@@ -161,6 +167,8 @@ class Trainer:
             ckpt = str(resume_from.path / "model")
         self.models = build_models(config.model, ckpt, world.device, self.encoder_dtype, config.train.seed)
         self.models.model.to(world.device)
+        if stored_latents:
+            check_latents(index, buckets, encoders, channels=self.models.vae.out_channels)
 
         if config.parallel.strategy == "colossalai":
             from .colossal import ColossalStrategy
@@ -369,7 +377,10 @@ class Trainer:
         if "latent" in batch:
             x = batch["latent"].to(device, non_blocking=True)
         else:
-            x = models.vae.encode(normalize(batch["video"].to(device, non_blocking=True))).float()
+            # contiguous: the noise is drawn in x's memory order (randn_like), which must be that
+            # of stored latents for the two to train alike (the VAE returns a permuted view)
+            x = models.vae.encode(normalize(batch["video"].to(device, non_blocking=True)),
+                                  sample=self.config.model.vae_posterior == "sample").float().contiguous()
         if "t5_states" in batch:
             y, y_mask = pad_states(batch["t5_states"], models.text_encoder.model_max_length, device)
         else:
