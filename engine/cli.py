@@ -16,6 +16,7 @@ from .extras import MissingExtraError, check_plan
 from .inputs import InputError
 from .output import OutputError
 from .recipe import RecipeError, load
+from .refilter import refilter_command
 
 from .model_stage import DeviceError
 from bricks.common.weights import MissingModelError
@@ -274,6 +275,9 @@ def demo(workdir: str, num_videos: int, recipe_path: str, local: bool, overrides
     ctx = click.get_current_context()
     ctx.invoke(run, recipe=recipe_path, local=local, address=None, overwrite=True, strict=True,
                overrides=demo_overrides)
+
+
+main.add_command(refilter_command)
 
 
 if __name__ == "__main__":

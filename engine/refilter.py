@@ -388,6 +388,12 @@ def refilter_command(out: str, overrides: tuple[str, ...], to: str | None) -> No
     samples = result.manifest["samples"]
     click.echo(f"kept {samples['total']} samples ({samples['video']} clips, {samples['image']} images); "
                f"manifest: {result.written_to}")
+    if to is not None:  # a whole output: its report, as a run writes one
+        from .run import write_run_report
+
+        report = write_run_report(to, result.manifest)
+        if report["written"]:
+            click.echo(f"report: {open_store(to).show(report['file'])}")
 
 
 def format_table(before: dict[str, OpStats], after: dict[str, OpStats]) -> str:

@@ -87,12 +87,12 @@ def run(recipe: Recipe, *, overwrite: bool = False, mode: str | None = None,
         manifest["driver"] = {"bytes_received": received}
         manifest["dataset_card"] = write_card(open_store(out), manifest,
                                               {c: s.op.name for s in plan.steps for c in s.op.outputs})
-        manifest["report"] = _write_report(out, manifest)
+        manifest["report"] = write_run_report(out, manifest)
         write_manifest(out, manifest)
     return manifest
 
 
-def _write_report(out: str, manifest: dict[str, Any]) -> dict[str, Any]:
+def write_run_report(out: str, manifest: dict[str, Any]) -> dict[str, Any]:
     """OUT/report.html; a report that cannot be made costs the run nothing but one warning."""
     try:
         from .report import write_report

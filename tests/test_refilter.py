@@ -95,6 +95,16 @@ def test_loosening_brings_back_the_static_clips(tmp_path, original):
     assert motion["dropped"] == 0
 
 
+def test_a_new_output_gets_its_report(tmp_path, original):
+    """Deciding needs no frames; the report's thumbnails of the new output are decoded afterwards."""
+    _, out = original
+    result = refilter(str(out), "--set", "process.motion_filter.min_score=0", "--to", str(tmp_path / "what"),
+                      decoding=True)
+    assert result.exit_code == 0, result.output
+    report = tmp_path / "what" / "report.html"
+    assert f"report: {report}" in result.output and "motion_filter" in report.read_text()
+
+
 def test_without_to_a_whatif_manifest_in_out_and_a_table(original):
     _, out = original
     before = checksums(out)
