@@ -339,6 +339,13 @@ def _remove_own_files(store: Store, ledger: Ledger) -> None:
         store.remove(name)
     if card_is_ours(store):  # describes the run being discarded; someone else's card stays
         store.remove(CARD)
+    from .refilter import WHATIF, whatif_is_ours  # both read outputs with this module
+    from .report.page import REPORT, report_is_ours
+
+    if report_is_ours(store):  # the same: these describe the discarded run
+        store.remove(REPORT)
+    if whatif_is_ours(store):
+        store.remove(WHATIF)
 
 
 @contextlib.contextmanager

@@ -306,16 +306,22 @@ def _progress(ledger: Ledger, outcome: dict[str, dict[str, Any]], ops: dict[str,
 
 # -- writing ------------------------------------------------------------------------------------------
 
+def whatif_is_ours(store: Store) -> bool | None:
+    """True when OUT/whatif/manifest.json is refilter's, False when it is someone else's, None
+    when there is none."""
+    if not store.isfile(WHATIF):
+        return None
+    try:
+        return "refilter" in json.loads(store.read_text(WHATIF))
+    except (json.JSONDecodeError, UnicodeDecodeError, TypeError):
+        return False
+
+
 def _write_whatif(store: Store, manifest: dict[str, Any]) -> None:
     """OUT/whatif/manifest.json, bricks' own: one written earlier by refilter is replaced,
     anything else there is refused."""
-    if store.isfile(WHATIF):
-        try:
-            ours = "refilter" in json.loads(store.read_text(WHATIF))
-        except (json.JSONDecodeError, UnicodeDecodeError, TypeError):
-            ours = False
-        if not ours:
-            raise OutputError(f"{store.show(WHATIF)} is not a what-if manifest bricks-dj wrote; move it elsewhere")
+    if whatif_is_ours(store) is False:
+        raise OutputError(f"{store.show(WHATIF)} is not a what-if manifest bricks-dj wrote; move it elsewhere")
     store.makedirs("whatif")
     store.write(WHATIF, json.dumps(manifest, indent=2))
 

@@ -146,6 +146,27 @@ def test_report_refuses_a_file_it_did_not_write(output, tmp_path):
     assert (copy / REPORT).read_text() == "<html>my own notes</html>"
 
 
+def test_overwrite_discards_its_own_report_and_whatif_only(output, tmp_path):
+    """A report describes the run `--overwrite` discards (a run that then fails must not leave
+    it); someone else's report.html stays."""
+    from bricks.engine.output import prepare
+
+    ours, theirs = tmp_path / "ours", tmp_path / "theirs"
+    for copy in (ours, theirs):
+        shutil.copytree(output, copy)
+    (theirs / REPORT).write_text("<html>my own notes</html>")
+    (ours / "whatif").mkdir()
+    (ours / "whatif" / "manifest.json").write_text(json.dumps({"refilter": {}}))  # as refilter writes it
+    (theirs / "whatif").mkdir()
+    (theirs / "whatif" / "manifest.json").write_text("{}")
+    for copy in (ours, theirs):
+        prepare(str(copy), "another recipe", overwrite=True)
+    assert not (ours / REPORT).exists() and not (ours / "manifest.json").exists()
+    assert not (ours / "whatif" / "manifest.json").exists()
+    assert (theirs / REPORT).read_text() == "<html>my own notes</html>"
+    assert (theirs / "whatif" / "manifest.json").read_text() == "{}"
+
+
 def test_report_command(output, tmp_path):
     pytest.importorskip("torch")
     copy = tmp_path / "out"

@@ -59,12 +59,17 @@ def write_report(out: str | Store, options: ReportOptions | None = None,
     return store.show(REPORT)
 
 
-def _refuse_foreign(store: Store) -> None:
+def report_is_ours(store: Store) -> bool | None:
+    """True when OUT/report.html is one bricks-dj wrote, False when it is someone else's, None
+    when there is none."""
     if not store.isfile(REPORT):
-        return
+        return None
     with store.fs.open(store.path(REPORT), "rb") as f:
-        head = f.read(4096).decode("utf-8", "replace")
-    if MARKER not in head:
+        return MARKER in f.read(4096).decode("utf-8", "replace")
+
+
+def _refuse_foreign(store: Store) -> None:
+    if report_is_ours(store) is False:
         raise ReportError(f"{store.show(REPORT)} was not written by bricks-dj: left as it is, no report written")
 
 
