@@ -57,7 +57,9 @@ class VlmCaptionParams(ModelParams):
     model_path: str | None = None
     """A local model folder; otherwise BRICKS_MODEL_DIR/model or the HF cache."""
     preset: Literal["none", "tiny"] = "none"
-    """`tiny`: a random-init Qwen2-VL on the transformers backend, for tests and the demo."""
+    """`tiny`: a random-init Qwen2-VL, for tests and the demo: built in memory for the
+    transformers backend; for vllm, saved once to a cache folder (`$BRICKS_CACHE_DIR`, else
+    `~/.cache/bricks`) that vLLM loads."""
     video_prompt: str = VIDEO_PROMPT
     image_prompt: str = IMAGE_PROMPT
     video_prompt_file: str | None = None
@@ -86,6 +88,12 @@ class VlmCaptionParams(ModelParams):
     tensor_parallel_size: int = Field(default=1, ge=1)
     gpu_memory_utilization: float = Field(default=0.9, gt=0, le=1)
     max_model_len: int = Field(default=8192, ge=256)
+    """Prompt (instructions and image tokens) plus answer, in tokens: longer requests fail alone."""
+    kv_cache_gb: float | None = Field(default=None, gt=0)
+    """vLLM's KV cache per engine, in GiB. Null: 1 GiB on CPU; on a GPU, what
+    `gpu_memory_utilization` leaves after the weights."""
+    enforce_eager: bool = False
+    """Run vLLM without torch.compile: the engine starts about twice as fast, steps run slower."""
 
     @model_validator(mode="before")
     @classmethod
@@ -147,7 +155,7 @@ class VlmCaption(ModelOperator):
         p = self.params  # the same choice of backend as `load`
         if p.backend == "openai":
             return ()
-        if p.preset == "tiny" or p.backend == "transformers":
+        if p.backend == "transformers":
             return ("torch", "transformers")
         return ("vllm",)
 
@@ -170,7 +178,7 @@ class VlmCaption(ModelOperator):
         p = self.params
         if p.backend == "openai":
             self.model = self._openai()
-        elif p.preset == "tiny":
+        elif p.preset == "tiny" and p.backend == "transformers":
             from .vlm_backends.tiny import build_tiny_vlm
             from .vlm_backends.transformers_backend import TransformersBackend
 
@@ -183,9 +191,16 @@ class VlmCaption(ModelOperator):
         else:
             from .vlm_backends.vllm_backend import VLLMBackend
 
-            self.model = VLLMBackend(resolve(self.model_files()[0]), tensor_parallel_size=p.tensor_parallel_size,
-                                     gpu_memory_utilization=p.gpu_memory_utilization, max_model_len=p.max_model_len,
-                                     max_images=3, max_new_tokens=p.max_new_tokens, temperature=p.temperature)
+            if p.preset == "tiny":
+                from .vlm_backends.tiny import tiny_vlm_folder
+
+                folder = tiny_vlm_folder()
+            else:
+                folder = resolve(self.model_files()[0])
+            self.model = VLLMBackend(folder, device=device, max_new_tokens=p.max_new_tokens, temperature=p.temperature,
+                                     tensor_parallel_size=p.tensor_parallel_size,
+                                     gpu_memory_utilization=p.gpu_memory_utilization, kv_cache_gb=p.kv_cache_gb,
+                                     max_model_len=p.max_model_len, max_images=3, enforce_eager=p.enforce_eager)
 
     def preprocess(self, sample, frames) -> CaptionRequest:
         """JPEG-encode the frames (RGB arrays) on CPU; an image sample is one frame."""
