@@ -42,7 +42,7 @@ from .latents import EncoderSpec, check_latents
 from .loader import LoaderState, ShardDataset
 from .lr_schedule import LRSchedule
 from .masks import draw_masks
-from .metrics import MetricsLog
+from .metrics import MetricsLog, bucket_throughput
 from .parallel import TorchStrategy, World, all_sum, barrier, close_world, init_world, unwrap
 from .plan import EpochPlan, assign_buckets
 from .shards import ShardIndex, check_reference_sources
@@ -367,7 +367,7 @@ class Trainer:
         n = max(total, 1)
         return {"loss": loss_sum / n if total else None, "mse": mse_sum / n if total else None,
                 "vb": vb_sum / n if total else None, "samples": int(total), "skipped": int(skipped),
-                "lr": lr, "grad_norm": grad_norm, **times}
+                "lr": lr, "grad_norm": grad_norm, "bucket": batch["bucket"], "rank_samples": samples, **times}
 
     @torch.no_grad()
     def _model_inputs(self, batch: dict) -> tuple[torch.Tensor, dict, torch.Tensor | None]:
@@ -433,6 +433,7 @@ class Trainer:
             "samples_per_s": samples / seconds if seconds else 0.0, "step_time": mean("step_time"),
             "data_wait": mean("data_wait"), "encode": mean("encode"), "fwd_bwd": mean("fwd_bwd"),
             "optim": mean("optim"), "skipped": sum(w["skipped"] for w in window), "skipped_total": self.skipped_total,
+            "throughput": bucket_throughput(window),
         }
         if self.world.device.type == "cuda":
             values["gpu_mem_gb"] = torch.cuda.max_memory_allocated(self.world.device) / 2**30
@@ -479,10 +480,13 @@ class Trainer:
         autocast = torch.autocast(self.world.device.type, dtype=torch.bfloat16) if self.bf16 else nullcontext()
         with autocast:
             videos = sampler.generate(s.prompts, spec)
+        paths = None
         if self.world.main:
             paths = sampler.save(videos, s.prompts, self.run_dir / "samples" / f"step-{self.step:08d}", spec)
             log.info("step %d: %d samples in %s", self.step, len(paths), paths[0].parent)
         barrier(self.world)
+        if paths is not None:  # past the barrier: the other ranks do not wait for TensorBoard and W&B
+            self.metrics.samples(self.step, s.prompts, videos, spec.playback_fps, paths)
 
 
 def no_batches_message(index: ShardIndex, buckets: Buckets, plan: EpochPlan, seed: int, world_size: int) -> str:
