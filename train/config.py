@@ -160,7 +160,10 @@ class RunSection(_Strict):
 
 class LoggingSection(_Strict):
     tensorboard: bool = True
+    """RUN/tensorboard/: the metrics (`train/...`), the throughput per bucket (`throughput/...`) and
+    the sample videos (`samples/<index>`, GIFs) of every `sampling.every` steps."""
     wandb: bool = False
+    """The same to Weights & Biases (the `wandb` extra; the samples as the MP4s of samples/)."""
     wandb_project: str = "bricks"
     wandb_run: str | None = None
 
