@@ -97,6 +97,9 @@ def check_against_the_trainer(rows):
             other = models.vae.encode(normalize(read_sample(row, T, (H, W), 2, np.random.default_rng(1))[None]),
                                       sample=False)[0]
             other_crop_differs += not close(stored, other)
+        if not (row["text"] or "").strip():  # the tiny captioner can answer nothing: no states then
+            assert row["t5_states"] is None and row["latent_text_encoder"] is None
+            continue
         states = read_array(row["t5_states"], "t5_states", "bf16")
         text = models.text_encoder.encode([row["text"]])
         tokens = int(text["mask"].sum())
@@ -159,10 +162,15 @@ def test_on_ray_the_latents_are_those_of_the_local_run(corpus, latent_shards, tm
     for row in on_ray:
         mine = local[row["sample_id"]]
         assert (row["latent_bucket"], row["vae_latent_shape"]) == (mine["latent_bucket"], mine["vae_latent_shape"])
-        # encode_clips' MP4s are not always the same bytes in two runs; the same bytes encode alike
+        # encode_clips' MP4s are not always the same bytes in two runs; the same bytes encode alike,
+        # to bf16 rounding (an actor's batches and CPU threads differ from the local run's, and so
+        # do the last float bits before rounding)
         if row["media"] == mine["media"]:
             same_media += 1
-            assert (row["vae_latent"], row["t5_states"]) == (mine["vae_latent"], mine["t5_states"])
+            for column in ("vae_latent", "t5_states"):
+                assert (row[column] is None) == (mine[column] is None)
+                if row[column] is not None:
+                    assert close(read_array(row[column], column, "bf16"), read_array(mine[column], column, "bf16"))
     assert same_media >= len(on_ray) // 2
     check_against_the_trainer(on_ray)
 
