@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e ".[test,models,train,dj]"
+	$(BIN)/pip install --quiet -e ".[test,models,train,wandb,dj]"
 	touch $(STAMP)
 
 # Generate a synthetic brick-film corpus and run the demo recipe over it (output in demo/out).
