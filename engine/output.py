@@ -339,11 +339,12 @@ def _remove_own_files(store: Store, ledger: Ledger) -> None:
         store.remove(name)
     if card_is_ours(store):  # describes the run being discarded; someone else's card stays
         store.remove(CARD)
-    from .refilter import WHATIF, whatif_is_ours  # both read outputs with this module
+    from .refilter import WHATIF, WHATIF_REPORT, whatif_is_ours  # both read outputs with this module
     from .report.page import REPORT, report_is_ours
 
-    if report_is_ours(store):  # the same: these describe the discarded run
-        store.remove(REPORT)
+    for report in (REPORT, WHATIF_REPORT):  # the same: these describe the discarded run
+        if report_is_ours(store, report):
+            store.remove(report)
     if whatif_is_ours(store):
         store.remove(WHATIF)
 

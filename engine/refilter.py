@@ -39,6 +39,7 @@ from .schema import REJECT_COLUMNS, rejects_schema, sample_id, to_table
 from .store import OutputError, Store, open_store, store_errors
 
 WHATIF = "whatif/manifest.json"
+WHATIF_REPORT = "whatif/report.html"
 
 
 @dataclass
@@ -87,6 +88,9 @@ def refilter(out: str, overrides: list[str], to: str | None = None) -> Result:
         whatif = build_manifest(new, new_plan, progress, total, 0, started)
         whatif.update(refilter=note, columns={f.name: str(f.type) for f in schema}, shards=[])
         whatif["decode"] = {"frames": 0, "seconds": 0.0, "skipped_packets": 0, "skipped_packets_by_source": {}}
+        with store_errors(store):
+            _write_whatif(store, whatif)  # first: the what-if report refuses a folder that is not bricks'
+        whatif["report"] = _whatif_report(store, whatif, outcome)
         with store_errors(store):
             _write_whatif(store, whatif)
         return Result(whatif, before, after, store.show(WHATIF))
@@ -306,6 +310,19 @@ def _progress(ledger: Ledger, outcome: dict[str, dict[str, Any]], ops: dict[str,
 
 # -- writing ------------------------------------------------------------------------------------------
 
+def _whatif_report(store: Store, manifest: dict[str, Any], outcome: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """OUT/whatif/report.html: the report of the what-if's rows, held here (thumbnails come from
+    their media or their source, as in any report)."""
+    from .report.gather import from_rows
+    from .report.page import write_report_of
+    from .run import report_outcome
+
+    kept = [row for result in outcome.values() for row in result["kept"]]
+    rejects = [row for result in outcome.values() for row in result["rejects"]]
+    return report_outcome(lambda: write_report_of(from_rows(store, manifest, kept, rejects), WHATIF_REPORT),
+                          WHATIF_REPORT)
+
+
 def whatif_is_ours(store: Store) -> bool | None:
     """True when OUT/whatif/manifest.json is refilter's, False when it is someone else's, None
     when there is none."""
@@ -397,9 +414,11 @@ def refilter_command(out: str, overrides: tuple[str, ...], to: str | None) -> No
     if to is not None:  # a whole output: its report, as a run writes one
         from .run import write_run_report
 
-        report = write_run_report(to, result.manifest)
-        if report["written"]:
-            click.echo(f"report: {open_store(to).show(report['file'])}")
+        result.manifest["report"] = write_run_report(to, result.manifest)
+        write_manifest(to, result.manifest)
+    report = result.manifest.get("report") or {}
+    if report.get("written"):
+        click.echo(f"report: {open_store(to or out).show(report['file'])}")
 
 
 def format_table(before: dict[str, OpStats], after: dict[str, OpStats]) -> str:

@@ -94,11 +94,17 @@ def run(recipe: Recipe, *, overwrite: bool = False, mode: str | None = None,
 
 def write_run_report(out: str, manifest: dict[str, Any]) -> dict[str, Any]:
     """OUT/report.html; a report that cannot be made costs the run nothing but one warning."""
-    try:
-        from .report import write_report
+    from .report import REPORT, write_report
 
-        return {"written": True, "file": write_report(out, manifest=manifest).rsplit("/", 1)[-1]}
-    except Exception as exc:  # the run's output is complete: no error of the report may lose it
+    return report_outcome(lambda: write_report(out, manifest=manifest), REPORT)
+
+
+def report_outcome(write, name: str) -> dict[str, Any]:
+    """`write()` a report; what the manifest records of it: written, or why not (one warning)."""
+    try:
+        write()
+        return {"written": True, "file": name}
+    except Exception as exc:  # the output is complete: no error of the report may lose it
         text = str(exc).splitlines()[0] if str(exc) else ""
         reason = text if type(exc).__name__ == "ReportError" else f"{type(exc).__name__}: {text}"
         log.warning("report not written: %s", reason)

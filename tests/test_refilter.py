@@ -105,6 +105,25 @@ def test_a_new_output_gets_its_report(tmp_path, original):
     assert f"report: {report}" in result.output and "motion_filter" in report.read_text()
 
 
+def test_the_whatif_gets_its_report_beside_its_manifest(original):
+    _, out = original
+    before = checksums(out)
+    result = refilter(str(out), "--set", "process.motion_filter.min_score=3.5", decoding=True)
+    assert result.exit_code == 0, result.output
+    assert checksums(out) == before  # the what-if's files are in OUT/whatif only
+    report = out / "whatif" / "report.html"
+    whatif = json.loads((out / "whatif" / "manifest.json").read_text())
+    assert whatif["report"] == {"written": True, "file": "whatif/report.html"}
+    assert f"report: {report}" in result.output
+    page = report.read_text()
+    motion, = (op for op in whatif["ops"] if op["name"] == "motion_filter")
+    was, = (op for op in read_manifest(out)["ops"] if op["name"] == "motion_filter")
+    assert motion["dropped"] > was["dropped"]
+    # the funnel row of the what-if's counts, and thumbnails of its samples
+    row = "".join(f'<td class="n">{motion[k]}</td>' for k in ("in", "out", "dropped", "failed"))
+    assert f"<td>2:motion_filter</td>{row}" in page and "data:image/jpeg;base64," in page
+
+
 def test_without_to_a_whatif_manifest_in_out_and_a_table(original):
     _, out = original
     before = checksums(out)

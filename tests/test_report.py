@@ -156,13 +156,14 @@ def test_overwrite_discards_its_own_report_and_whatif_only(output, tmp_path):
         shutil.copytree(output, copy)
     (theirs / REPORT).write_text("<html>my own notes</html>")
     (ours / "whatif").mkdir()
-    (ours / "whatif" / "manifest.json").write_text(json.dumps({"refilter": {}}))  # as refilter writes it
+    (ours / "whatif" / "manifest.json").write_text(json.dumps({"refilter": {}}))  # as refilter writes them
+    shutil.copy(ours / REPORT, ours / "whatif" / REPORT)
     (theirs / "whatif").mkdir()
     (theirs / "whatif" / "manifest.json").write_text("{}")
     for copy in (ours, theirs):
         prepare(str(copy), "another recipe", overwrite=True)
     assert not (ours / REPORT).exists() and not (ours / "manifest.json").exists()
-    assert not (ours / "whatif" / "manifest.json").exists()
+    assert not (ours / "whatif" / "manifest.json").exists() and not (ours / "whatif" / REPORT).exists()
     assert (theirs / REPORT).read_text() == "<html>my own notes</html>"
     assert (theirs / "whatif" / "manifest.json").read_text() == "{}"
 

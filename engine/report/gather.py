@@ -94,6 +94,22 @@ def read_output(out: str | Store, manifest: dict[str, Any] | None = None) -> Out
     return data
 
 
+def from_rows(store: Store, manifest: dict[str, Any], kept: list[dict[str, Any]],
+              rejects: list[dict[str, Any]]) -> OutputData:
+    """An output held in memory (refilter's what-if): kept rows with their `media`, reject rows
+    as the rejects table has them. Thumbnails then come from the rows' own media."""
+    kept_columns = {name: [row.get(name) for row in kept] for name in dict.fromkeys(k for r in kept for k in r)}
+    reject_columns = {name: [row.get(name) for row in rejects]
+                      for name in dict.fromkeys(k for r in rejects for k in r)}
+    reject_columns["_scores"] = [_parse_scores(row.get("scores")) for row in rejects]
+    data = OutputData(store, manifest, Rows(kept_columns or {"sample_id": [], "kind": []}),
+                      Rows(reject_columns if rejects else {"sample_id": [], "kind": [], "op": [], "status": [],
+                                                           "reason": [], "_scores": []}))
+    data.score_columns = score_columns(manifest)
+    data.thresholds, data.notes = thresholds(manifest, data.score_columns)
+    return data
+
+
 def _read_manifest(store: Store) -> dict[str, Any]:
     if not store.isfile(MANIFEST):
         raise ReportError(f"{store.show(MANIFEST)} is missing: the run has not finished (rerun it to resume)")

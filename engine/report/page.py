@@ -59,18 +59,30 @@ def write_report(out: str | Store, options: ReportOptions | None = None,
     return store.show(REPORT)
 
 
-def report_is_ours(store: Store) -> bool | None:
-    """True when OUT/report.html is one bricks-dj wrote, False when it is someone else's, None
+def write_report_of(data: gather.OutputData, name: str, options: ReportOptions | None = None) -> str:
+    """`data` (e.g. `gather.from_rows`) as the report NAME in its store; returns where it is."""
+    store = data.store
+    try:
+        with store_errors(store):
+            _refuse_foreign(store, name)
+            store.write(name, render(data, options or ReportOptions()))
+    except OutputError as exc:
+        raise ReportError(str(exc)) from None
+    return store.show(name)
+
+
+def report_is_ours(store: Store, name: str = REPORT) -> bool | None:
+    """True when the report NAME is one bricks-dj wrote, False when it is someone else's, None
     when there is none."""
-    if not store.isfile(REPORT):
+    if not store.isfile(name):
         return None
-    with store.fs.open(store.path(REPORT), "rb") as f:
+    with store.fs.open(store.path(name), "rb") as f:
         return MARKER in f.read(4096).decode("utf-8", "replace")
 
 
-def _refuse_foreign(store: Store) -> None:
-    if report_is_ours(store) is False:
-        raise ReportError(f"{store.show(REPORT)} was not written by bricks-dj: left as it is, no report written")
+def _refuse_foreign(store: Store, name: str = REPORT) -> None:
+    if report_is_ours(store, name) is False:
+        raise ReportError(f"{store.show(name)} was not written by bricks-dj: left as it is, no report written")
 
 
 # -- the page -----------------------------------------------------------------------------------------

@@ -44,6 +44,9 @@ def thumbnails(store: Store, rows: list[dict[str, Any]]) -> dict[str, bytes | st
         if row.get("kind") not in ("video", "image"):
             made[sid] = f"a {row.get('kind')} reject has no frames"
             continue
+        if row.get("media") is not None and row.get("media_format") is not None:  # a row held in memory
+            made[sid] = _from_bytes(row["media"], row)
+            continue
         if row.get("_shard") is not None and row.get("media_format") is not None:
             made[sid] = _from_media(store, row)
             continue
@@ -72,6 +75,10 @@ def _from_media(store: Store, row: dict[str, Any]) -> bytes | str:
         media = pq.ParquetFile(f).read_row_group(row["_group"], columns=["media"]).column("media")[row["_row"]].as_py()
     if media is None:
         return "the row's media is empty"
+    return _from_bytes(media, row)
+
+
+def _from_bytes(media: bytes, row: dict[str, Any]) -> bytes | str:
     if row["kind"] == "image":
         image = cv2.imdecode(np.frombuffer(media, np.uint8), cv2.IMREAD_COLOR)
         return "its JPEG does not decode" if image is None else _jpeg([cv2.cvtColor(image, cv2.COLOR_BGR2RGB)])
