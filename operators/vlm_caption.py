@@ -3,7 +3,7 @@
 A clip is shown as three frames at 20%, 50% and 80% of its length, in order; an image sample
 as itself. The instruction asks for a description useful to regenerate the scene; three
 fixed answers flag unusable samples, which are dropped with that reason: `Not enough
-information`, `Single image` and `No movement`. Other answers go to `text`, cleaned of
+information`, `Single image` and `No movement`; so is an empty answer. Other answers go to `text`, cleaned of
 wrapping quotes and label prefixes.
 
 Backends (`backend`): `vllm` (in-process engine per actor), `transformers` (any Hugging Face
@@ -222,6 +222,8 @@ class VlmCaption(ModelOperator):
         return {"text": clean_caption(output)}
 
     def keep(self, fields):
+        if not fields["text"]:  # no caption to train on (the trainer would leave the sample out)
+            return "empty caption: the model answered nothing"
         flag = caption_flag(fields["text"])
         return f"caption flag: {flag}" if flag else True
 

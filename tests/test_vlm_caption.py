@@ -181,3 +181,12 @@ def test_the_endpoint_is_base_url_with_api_base_as_its_alias(tmp_path):
         build(base_url="http://127.0.0.1:9/v1", api_base="http://127.0.0.1:8/v1")
     with pytest.raises(RecipeError, match="unknown parameter 'baseurl'; did you mean 'base_url'"):
         build(baseurl="http://127.0.0.1:9/v1")
+
+
+def test_an_empty_answer_drops_the_sample():
+    from bricks.operators.vlm_caption import VlmCaption
+
+    op = VlmCaption()
+    assert op.keep({"text": ""}) == "empty caption: the model answered nothing"
+    assert op.keep({"text": clean_caption('  "" ')}) == "empty caption: the model answered nothing"
+    assert op.keep({"text": "A red house."}) is True
