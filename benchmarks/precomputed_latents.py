@@ -24,28 +24,13 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from bricks.common.synthetic import generate_corpus
-from bricks.engine.recipe import from_dict
-from bricks.engine.run import run
 from bricks.train.config import load_config
 from bricks.train.latents import LATENT_COLUMNS
 from bricks.train.metrics import read_metrics
 from bricks.train.trainer import RunOptions, train
+from train_step import make_shards  # this folder's training benchmark: its captioned shards
 
-
-def make_shards(workdir: Path, videos: int) -> Path:
-    out = workdir / "shards"
-    if (out / "manifest.json").exists():
-        return out
-    generate_corpus(workdir / "videos", num_videos=videos, seed=0)
-    run(from_dict({
-        "input": str(workdir / "videos"), "output": str(out), "executor": {"mode": "local"},
-        "process": [{"shot_split": {"min_scene_len": 15}}, {"clip_length": {"min_frames": 15, "max_frames": 60}},
-                    {"middle_frame": {}}, {"encode_clips": {}},
-                    {"vlm_caption": {"backend": "transformers", "preset": "tiny", "device": "cpu", "batch_size": 8,
-                                     "max_new_tokens": 6}},
-                    {"encode_latents": {"config": "tiny-cpu", "device": "cpu", "batch_size": 8}}]}), overwrite=True)
-    return out
+ENCODE = {"encode_latents": {"config": "tiny-cpu", "device": "cpu", "batch_size": 8}}
 
 
 def strip_latents(out: Path, folder: Path) -> Path:
@@ -90,7 +75,7 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path)
     args = parser.parse_args()
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="bricks-latents-"))
-    out = make_shards(workdir, args.videos)
+    out = make_shards(workdir, args.videos, (ENCODE,), name="latent-shards")
     plain = strip_latents(out, workdir / "plain")
     bytes_per_sample(out)
     same = ["data.temporal_crop=center", "model.vae_posterior=mean"]

@@ -34,8 +34,10 @@ from bricks.train.trainer import RunOptions, train
 PHASES = ["data_wait", "encode", "fwd_bwd", "optim"]
 
 
-def make_shards(workdir: Path, videos: int) -> Path:
-    out = workdir / "shards"
+def make_shards(workdir: Path, videos: int, extra_steps: tuple[dict, ...] = (), name: str = "shards") -> Path:
+    """Captioned shards of generated films in WORKDIR/NAME (kept between runs); `extra_steps` follow
+    the caption step."""
+    out = workdir / name
     if (out / "manifest.json").exists():
         return out
     generate_corpus(workdir / "videos", num_videos=videos, seed=0)
@@ -44,7 +46,7 @@ def make_shards(workdir: Path, videos: int) -> Path:
         "process": [{"shot_split": {"min_scene_len": 15}}, {"clip_length": {"min_frames": 15, "max_frames": 60}},
                     {"middle_frame": {}}, {"encode_clips": {}},
                     {"vlm_caption": {"backend": "transformers", "preset": "tiny", "device": "cpu", "batch_size": 8,
-                                     "max_new_tokens": 6}}]}), overwrite=True)
+                                     "max_new_tokens": 6}}, *extra_steps]}), overwrite=True)
     return out
 
 
