@@ -11,6 +11,7 @@ and each run checks several things.
 from __future__ import annotations
 
 import base64
+import json
 import os
 import signal
 import subprocess
@@ -118,10 +119,22 @@ def key(row: dict) -> tuple:
     return row["path"], row["kind"], row["start_frame"], row["end_frame"]
 
 
+def answered_nothing(out: Path) -> list[dict]:
+    """The samples vlm_caption dropped for an empty answer (the random model's answer is sometimes
+    its end token alone), as their rejects' fields hold them."""
+    return [json.loads(r["fields"]) for r in read_rejects(out).to_pylist()
+            if r["op"] == STEP and r["reason"] == "empty caption: the model answered nothing"]
+
+
 def test_captions_are_vllms_own_on_the_frames_in_order(captioned, reference):
     rows = read_shards(captioned).to_pylist()
     clips = [r for r in rows if r["kind"] == "video"]
-    assert len(clips) >= 10 and len(rows) == 2 * len(clips) + 1  # clips and middle frames, less one refused clip
+    empty = answered_nothing(captioned)
+    every_clip = clips + [r for r in empty if r["kind"] == "video"]
+    # clips and middle frames, less one refused clip
+    assert len(clips) >= 10 and len(rows) + len(empty) == 2 * len(every_clip) + 1
+    # those dropped for an empty answer have it from vLLM's own engine too
+    assert all(answer == "" for answer in reference([conversation(sample_frames(r), r["kind"]) for r in empty]))
     frames = [sample_frames(r) for r in rows]
     conversations = [conversation(f, r["kind"]) for f, r in zip(frames, rows)]
     one_by_one = [reference([c])[0] for c in conversations]
@@ -144,12 +157,13 @@ def test_captions_are_vllms_own_on_the_frames_in_order(captioned, reference):
 
 
 def test_a_request_vllm_refuses_fails_alone(captioned, big_video):
-    failed = [r for r in read_rejects(captioned).to_pylist() if r["op"] == STEP]
+    failed = [r for r in read_rejects(captioned).to_pylist() if r["op"] == STEP and r["status"] == "failed"]
     assert len(failed) == 1
     assert failed[0]["kind"] == "video" and failed[0]["source_uri"].endswith(big_video.name)
     assert "longer than the maximum model length" in failed[0]["reason"]
     op = read_manifest(captioned)["ops"][2]
-    assert (op["failed"], op["dropped"], op["out"]) == (1, 0, op["in"] - 1)
+    empty = len(answered_nothing(captioned))
+    assert (op["failed"], op["dropped"], op["out"]) == (1, empty, op["in"] - 1 - empty)
     # The same video's image (a shorter prompt) is captioned.
     big_rows = [r for r in read_shards(captioned).to_pylist() if r["path"] == str(big_video)]
     assert [r["kind"] for r in big_rows] == ["image"] and big_rows[0]["text"]
@@ -227,9 +241,11 @@ def test_vllm_serve_through_the_openai_backend(tmp_path, corpus, captioned, serv
     out = bricks_dj(tmp_path, [corpus[0]], caption)
     rows = read_shards(out).to_pylist()
     op = read_manifest(out)["ops"][2]
-    assert (op["failed"], op["dropped"], op["out"]) == (0, 0, op["in"])
+    empty = answered_nothing(out)
+    assert (op["failed"], op["dropped"], op["out"]) == (0, len(empty), op["in"] - len(empty))
     assert {r["kind"] for r in rows} == {"video", "image"}
-    # The same model and frames as the in-process engine's run: the same captions (the random
-    # model's answer is sometimes its end token alone, an empty caption, in both).
+    # The same model and frames as the in-process engine's run: the same captions, and the same
+    # samples dropped for an empty answer.
     in_process = {key(r): r["text"] for r in read_shards(captioned).to_pylist()}
     assert {key(r): r["text"] for r in rows} == {k: in_process[k] for k in map(key, rows)}
+    assert set(map(key, empty)) <= set(map(key, answered_nothing(captioned)))
