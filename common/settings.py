@@ -46,7 +46,12 @@ def _yaml_problem(exc: yaml.YAMLError) -> str:
 
 def apply_override(data: dict, path: list[str], value: Any, where: str) -> None:
     node: Any = data
-    for i, part in enumerate(path):
+    path = list(path)
+    i = 0
+    while i < len(path):
+        if isinstance(node, list):
+            _join_name(node, path, i)  # an operator named with a dot: process.dj.text_length_filter
+        part = path[i]
         last = i == len(path) - 1
         dotted = ".".join(path[: i + 1])
         if isinstance(node, list):
@@ -69,6 +74,18 @@ def apply_override(data: dict, path: list[str], value: Any, where: str) -> None:
             node = node[part]
         else:
             raise SettingsError(f"{where}: --set {dotted}: cannot set a field inside a {type(node).__name__}")
+        i += 1
+
+
+def _join_name(items: list, path: list[str], i: int) -> None:
+    """Where `path[i:k+1]` joined by dots names an item of `items`, the longest such name
+    becomes one part of `path` (operator names may hold a dot: `dj.text_length_filter`)."""
+    names = {next(iter(item)) for item in items if isinstance(item, dict) and len(item) == 1}
+    for k in range(len(path) - 1, i, -1):
+        joined = ".".join(path[i:k + 1])
+        if joined in names:
+            path[i:k + 1] = [joined]
+            return
 
 
 def _list_index(items: list, part: str, where: str) -> int:

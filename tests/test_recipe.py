@@ -73,6 +73,19 @@ def test_set_overrides(tmp_path, corpus):
         load(path, ["executor.frame_buffer_mb=lots"])
 
 
+def test_set_names_an_operator_whose_name_has_a_dot():
+    from bricks.common.settings import apply_override, parse_overrides
+
+    data = {"process": [{"shot_split": {}}, {"dj.text_length_filter": {"min_len": 1}}, {"dj": None}]}
+    (keys, value), = parse_overrides(["process.dj.text_length_filter.min_len=10"])
+    apply_override(data, keys, value, "recipe.yaml")
+    assert data["process"][1] == {"dj.text_length_filter": {"min_len": 10}}
+    assert keys == ["process", "dj", "text_length_filter", "min_len"]  # the caller's path is left as it was
+    (keys, value), = parse_overrides(["process.dj.x=1"])  # an operator named `dj` alone is still found
+    apply_override(data, keys, value, "recipe.yaml")
+    assert data["process"][2] == {"dj": {"x": 1}}
+
+
 def test_cli_validate_errors_are_one_line_with_status_2(tmp_path, corpus):
     path = recipe_file(tmp_path, corpus, [{"shot_split": {"treshold": 20}}])
     proc = subprocess.run(CLI + ["validate", str(path)], capture_output=True, text=True)
