@@ -104,6 +104,11 @@ class Operator:
     # change them and decide again from the stored scores. Any other parameter may change
     # the scores themselves, which needs the frames or the model again.
     thresholds: ClassVar[tuple[str, ...]] = ()
+    # Whether `bricks-dj refilter` may run the operator again on a sample's stored fields where
+    # it asks for no frames and is no model operator: score the sample again, or map one the new
+    # thresholds bring back. Operators that open media or models themselves (Data-Juicer's)
+    # say False: refilter decides from their stored scores, and never runs them.
+    reruns_on_fields: ClassVar[bool] = True
 
     def __init__(self, params: OperatorParams | None = None) -> None:
         # Cheap: runs where the pipeline is built. Load models in `setup`.

@@ -75,7 +75,7 @@ def refilter(out: str, overrides: list[str], to: str | None = None) -> Result:
         check_changes(new_plan, changed)
         schema, sources = _read_rows(store, ledger)
     before = _original_counts(ledger)
-    _check_replay(old_plan, sources, before, store)
+    _check_replay(old_plan, set(changed), sources, before, store)
     replay = Replay(new_plan, set(changed))
     outcome = {uri: _refiltered(replay, rows, new_plan.recipe_key) for uri, rows in sources.items()}
     after = _merged_counts(ledger, outcome, {s.label for s in replayed_steps(new_plan)})
@@ -218,22 +218,35 @@ def _stored(rows: SourceRows, replayed: set[int]) -> tuple[list[Stored], list[di
     return stored, earlier
 
 
-def _check_replay(plan: plan_mod.Plan, sources: dict[str, SourceRows], before: dict[str, OpStats],
-                  store: Store) -> None:
-    """Replayed unchanged, the stored rows must give OUT's own counts; where they do not, they
-    do not hold what the steps decided on."""
-    replay = Replay(plan, set())
+def _check_replay(plan: plan_mod.Plan, changed: set[int], sources: dict[str, SourceRows],
+                  before: dict[str, OpStats], store: Store) -> None:
+    """With OUT's own recipe, the stored rows must give what OUT decided: each sample's outcome
+    (the changed steps deciding again from their stored scores, the others as they did) and
+    OUT's counts. Where they do not, the stored scores do not hold what the steps decided on."""
+    replay = Replay(plan, changed, checking=True)
     counts: dict[str, OpStats] = {}
     replayed = {s.index for s in replay.steps}
     for rows in sources.values():
         for sample in _stored(rows, replayed)[0]:
-            replay.run(sample, counts)
+            got = replay.run(sample, counts)
+            if got.brought_back or got.status != sample.status or \
+                    (got.reject or {}).get("op") != (sample.reject or {}).get("op"):
+                was = sample.reject["op"] if sample.reject else None
+                now = got.reject["op"] if got.reject else None
+                which = sample.reject["sample_id"] if sample.reject else sample.row.get("sample_id")
+                raise RefilterError(f"{store.uri}: sample {which} was {_outcome(sample.status, was)}, but its stored "
+                                    f"scores give {_outcome(got.status, now)} with the recipe's own thresholds; "
+                                    "re-run the recipe")
     for step in replay.steps:
         got, want = counts.get(step.label, OpStats()), before.get(step.label, OpStats())
         if (got.n_in, got.n_out, got.dropped, got.failed) != (want.n_in, want.n_out, want.dropped, want.failed):
             raise RefilterError(f"{store.uri}: its stored rows do not give its own counts for {step.label} "
                                 f"({got.n_in} in, {got.n_out} out here; {want.n_in} in, {want.n_out} out recorded); "
                                 "re-run the recipe")
+
+
+def _outcome(status: str, op: str | None) -> str:
+    return f"{status} by {op}" if op else status
 
 
 def _refiltered(replay: Replay, rows: SourceRows, key: str) -> dict[str, Any]:

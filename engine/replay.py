@@ -9,15 +9,18 @@ through these steps again in recipe order:
 
 - a changed filter decides with its own `keep` and the new parameters, on the scores the
   sample had when it passed (its stored columns; a filter that needs no frames scores the
-  stored fields again with its own `score`) or when it was dropped (the reject's `scores`);
+  stored fields again with its own `score`, unless it opens media or models itself, as
+  Data-Juicer's filters do) or when it was dropped (the reject's `scores`);
 - an unchanged step decides as it did (same scores, same parameters);
 - a sample a loosened filter brings back goes through the steps it never reached: those
   that need no frames and no model run on its stored fields (with the engine's own
   `apply_step`); one that does is refused, since it would need decoding or the model;
 - failed samples stay failed at the step that failed them.
 
-Where the stored rows cannot say what a re-run would decide, `RefilterError` says why in one
-line; the caller refuses the whole what-if.
+Before the new thresholds, the changed filters decide again with the old ones (`checking`):
+every sample must get the outcome OUT recorded, or the stored scores are not what the filters
+decided on. Where the stored rows cannot say what a re-run would decide, `RefilterError` says
+why in one line; the caller refuses the whole what-if.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .operator import FanOut, Filter, Mapper, ModelOperator, Segmenter
-from .pipeline import NoFrames, OpStats, SourceResult, apply_step
+from .pipeline import NoFrames, OpStats, SourceResult, apply_step, describe_error
 from .plan import Plan, Step
 from .rows import DROPPED, FAILED, KEPT, reject_record, verdict
 from .schema import BASE_COLUMNS, fit_columns
@@ -63,8 +66,9 @@ class Outcome:
 class Replay:
     """The replayed steps and the changes; `run` decides one sample at a time."""
 
-    plan: Plan  # the new recipe's
+    plan: Plan  # the new recipe's (the old one's, to check that the stored scores decide as it did)
     changed: set[int]
+    checking: bool = False  # a sample brought back ends there, as a mismatch (nothing runs for it)
     steps: list[Step] = field(init=False)
     final: set[int] = field(init=False)
 
@@ -95,17 +99,19 @@ class Replay:
                     st.dropped += 1
                     return Outcome(DROPPED, None, sample.reject)
                 scores = json.loads(sample.reject["scores"] or "{}")
-                reason = verdict(op, scores)
+                reason = _decide(step, scores, sample)
                 if reason is not None:
                     st.dropped += 1
                     return Outcome(DROPPED, None, dict(sample.reject, reason=reason))
                 state, back = dict(state), True
                 st.n_out += 1
+                if self.checking:
+                    return Outcome(KEPT, None, None, brought_back=True)
                 continue
             if i in self.changed and sample.status != FAILED:
                 if op.applies_to(state):
                     scores = self._stored_scores(step, state, sample)
-                    reason = verdict(op, scores)
+                    reason = _decide(step, scores, sample)
                     if reason is not None:
                         st.dropped += 1
                         return Outcome(DROPPED, None, reject_record(sample.uri, state, step.label, DROPPED, reason, scores))
@@ -127,7 +133,7 @@ class Replay:
         if scores_again(op):
             return fit_columns(op.score(dict(state), []), {**BASE_COLUMNS, **op.outputs}, op.name)
         missing = [c for c in op.outputs if state.get(c) is None]
-        if missing:
+        if missing and len(missing) == len(op.outputs):  # a Data-Juicer filter may leave some stats unwritten
             which = sample.reject["sample_id"] if sample.reject else state.get("sample_id")
             raise RefilterError(f"{step.label}: sample {which} has no stored {missing[0]} (it was never "
                                 "computed); re-run the recipe")
@@ -141,10 +147,11 @@ class Replay:
                 st.n_in += 1
                 st.n_out += 1
             return state
-        if isinstance(op, ModelOperator) or op.needs_frames:
-            needs = "a model" if isinstance(op, ModelOperator) else "frames"
+        if isinstance(op, ModelOperator) or op.needs_frames or not op.reruns_on_fields:
+            needs = "needs a model" if isinstance(op, ModelOperator) else "needs frames" if op.needs_frames else \
+                "opens the media (or a model) itself"
             raise RefilterError(f"the new thresholds would bring back samples (such as {sample.reject['sample_id']}) "
-                                f"that never reached {step.label}, which needs {needs}; re-run the recipe")
+                                f"that never reached {step.label}, which {needs}; re-run the recipe")
         result = SourceResult(sample.uri)
         out = apply_step(step, state, NoFrames(), None, result)
         st.add(result.ops[step.label])
@@ -152,6 +159,17 @@ class Replay:
             return out[0]
         reject = result.rejects[0]
         return Outcome(reject["status"], None, reject, brought_back=True)
+
+
+def _decide(step: Step, scores: dict[str, Any], sample: Stored) -> str | None:
+    """The step's verdict on stored scores; a decision that cannot be made from them refuses
+    the what-if."""
+    try:
+        return verdict(step.op, scores)
+    except Exception as exc:
+        which = sample.reject["sample_id"] if sample.reject else sample.row.get("sample_id")
+        raise RefilterError(f"{step.label}: sample {which} cannot be decided again from its stored scores "
+                            f"({describe_error(exc)}); re-run the recipe") from exc
 
 
 def replayed_steps(plan: Plan) -> list[Step]:
@@ -164,7 +182,7 @@ def replayed_steps(plan: Plan) -> list[Step]:
 def scores_again(op) -> bool:
     """A filter that needs no frames and no model scores a sample from its fields alone: its
     score is computed again from the stored fields, as the engine computed it."""
-    return isinstance(op, Filter) and not op.needs_frames
+    return isinstance(op, Filter) and not op.needs_frames and op.reruns_on_fields
 
 
 def check_changes(plan: Plan, changed: dict[int, list[str]]) -> None:

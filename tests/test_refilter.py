@@ -48,7 +48,7 @@ def refilter(*args: str, decoding: bool = False):
 
 
 def rows_by_id(table) -> dict[str, dict]:
-    return {row["sample_id"]: row for row in table.to_pylist()}
+    return {row["sample_id"]: row for row in table.to_pylist()} if table is not None else {}
 
 
 def counts(manifest: dict) -> list[tuple]:
@@ -210,3 +210,107 @@ def test_bringing_back_samples_a_model_never_saw_is_refused(with_model):
     result = refilter(str(out), "--set", "process.motion_filter.min_score=0")
     assert result.exit_code == 2
     assert "never reached 3:aesthetic_filter, which needs a model" in result.output
+
+
+# -- Data-Juicer's filters ----------------------------------------------------------------------------
+
+DJ_PROCESS = [{"shot_split": {}}, {"dj.video_duration_filter": {"min_duration": 1.5, "video_backend": "av"}},
+              {"dj.video_motion_score_filter": {"min_score": 0.1}},
+              {"dj.video_aspect_ratio_filter": {"min_ratio": "3/2"}}]
+
+
+@pytest.fixture(scope="module")
+def with_dj(tmp_path_factory) -> tuple[Path, Path]:
+    """a.mp4: 320x180, shots of 30 (moving), 60 (static) and 48 (moving) frames; b.mp4: 180x180,
+    two moving shots of 40. Kept: a's last shot; dropped: a's first (too short), a's static one,
+    b's two (square)."""
+    pytest.importorskip("data_juicer")
+    folder = tmp_path_factory.mktemp("refilter-dj")
+    short_video(folder / "a.mp4", shots=((30, False), (60, True), (48, False)))
+    short_video(folder / "b.mp4", shots=((40, False), (40, False)), width=180, height=180)
+    recipe = write_recipe(folder, DJ_PROCESS, input=[str(folder / "a.mp4"), str(folder / "b.mp4")],
+                          output=folder / "out")
+    run(load(recipe))
+    return recipe, folder / "out"
+
+
+def dj_refilter(*args: str):
+    """The command, where Data-Juicer's filters may not compute a stat (nor open a video)."""
+    from bricks.operators.dj.in_bricks import DJFilter
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("refilter computed Data-Juicer stats")
+
+    with pytest.MonkeyPatch.context() as patched:
+        patched.setattr(DJFilter, "_stats_and_decision", refuse)
+        return refilter(*args)
+
+
+@pytest.mark.parametrize("overrides", [
+    ["process.dj.video_duration_filter.min_duration=2.5"],  # tighter: a's last shot (2 s) goes
+    ["process.dj.video_motion_score_filter.min_score=2"],
+    ["process.dj.video_aspect_ratio_filter.min_ratio=1/2"],  # looser, last: b's shots come back
+    ["process.dj.video_aspect_ratio_filter.any_or_all=all", "process.dj.video_motion_score_filter.max_score=1"],
+])
+def test_data_juicer_filters_decide_again_from_their_stored_stats(tmp_path, with_dj, overrides):
+    recipe, out = with_dj
+    sets = [arg for o in overrides for arg in ("--set", o)]
+    result = dj_refilter(str(out), *sets, "--to", str(tmp_path / "what"))
+    assert result.exit_code == 0, result.output
+    run(load(recipe, [*overrides, f"output={tmp_path / 'rerun'}"]))
+    new, rerun = read_shards(tmp_path / "what"), read_shards(tmp_path / "rerun")
+    assert rows_by_id(new) == rows_by_id(rerun)
+    # Scores as stored: a re-run's clips cut for Data-Juicer are encoded again, and libx264
+    # does not always give the same pixels twice, so its motion scores may differ slightly.
+    mine, theirs = read_rejects(tmp_path / "what"), read_rejects(tmp_path / "rerun")
+    key = lambda r: (r["sample_id"], r["op"], r["status"])  # noqa: E731
+    assert sorted(map(key, mine.to_pylist())) == sorted(map(key, theirs.to_pylist()))
+    where = lambda r: (r["source_uri"], r["start_frame"])  # noqa: E731  (ids depend on the recipe)
+    stored = {**{where(r): {**json.loads(r["fields"] or "{}"), **json.loads(r["scores"])}
+                 for r in read_rejects(out).to_pylist()},
+              **{where(r): r for r in read_shards(out).to_pylist()}}
+    for reject in mine.to_pylist():  # the reason gives the stored stat
+        stat = reject["reason"].split(": ", 1)[1].split(" ")[0]
+        assert f"{stat} {stored[where(reject)]['dj_' + stat]:g} " in reject["reason"], reject
+    assert counts(read_manifest(tmp_path / "what")) == counts(read_manifest(tmp_path / "rerun"))
+
+
+@pytest.mark.parametrize("override, says", [
+    # sampling_fps changes the stat itself; its parameters that only Data-Juicer's decision reads are listed
+    ("process.dj.video_motion_score_filter.sampling_fps=4",
+     "not a threshold that dj.video_motion_score_filter decides with from stored scores (those are: min_score, "
+     "max_score, any_or_all)"),
+    ("process.dj.video_duration_filter.min_duration=1",  # a's first shot would need motion scores
+     "that never reached 2:dj.video_motion_score_filter, which opens the media (or a model) itself"),
+])
+def test_data_juicer_refusals(with_dj, override, says):
+    _, out = with_dj
+    result = dj_refilter(str(out), "--set", override)
+    assert result.exit_code == 2 and says in result.output, result.output
+
+
+def test_stored_scores_that_do_not_give_the_recorded_decisions_are_refused(tmp_path, original):
+    """A motion_filter reject whose stored flow passes the recipe's own threshold: the stored
+    scores are not what the filter decided on, and no what-if is made from them."""
+    import shutil
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    _, out = original
+    copy = tmp_path / "out"
+    shutil.copytree(out, copy, ignore=shutil.ignore_patterns("whatif"))
+    files = sorted((copy / "rejects").glob("*.parquet"))
+    for file in files:
+        rows = pq.read_table(file).to_pylist()
+        touched = [r for r in rows if r["op"] == "2:motion_filter"]
+        if touched:
+            touched[0]["scores"] = json.dumps({"flow": 9.0})
+            pq.write_table(pa.Table.from_pylist(rows, schema=pq.read_schema(file)), file)
+            break
+    else:
+        pytest.fail("the corpus gave no motion_filter reject")
+    result = refilter(str(copy), "--set", "process.motion_filter.min_score=0.5")
+    assert result.exit_code == 2, result.output
+    assert f"sample {touched[0]['sample_id']} was dropped by 2:motion_filter, but its stored scores give kept" \
+        in result.output

@@ -11,7 +11,8 @@ to its workers) finds it by reference like any class defined here.
   operator that runs is built in `setup`, on the worker.
 - Filters: `score` converts the sample (`samples`), computes Data-Juicer's stats and its keep
   decision; the stats become columns `dj_<stat_key>`, and `keep` returns the decision, with a
-  reason naming the stat and its value.
+  reason naming the stat and its value. `bricks-dj refilter` decides again from the stored
+  columns with other thresholds (`decision`), without opening the media.
 - Mappers: `process` runs the mapper; a changed text becomes the sample's caption (without
   Data-Juicer's special tokens), and the fields it adds, with its `__dj__meta__` tags, go
   into the JSON column `dj_meta`.
@@ -46,7 +47,7 @@ from bricks.engine.operator import Filter, Mapper, OperatorParams
 from bricks.engine.pipeline import describe_error
 from bricks.engine.registry import RegistryError
 
-from . import samples
+from . import decision, samples
 
 PREFIX = "dj."
 CLASS_PREFIX = "DJ_"
@@ -139,6 +140,8 @@ def adapter_class(op_name: str) -> type:
         attrs["stat_kinds"] = _stat_kinds(source)
         attrs["outputs"] = {samples.column_of(key): pa.string() if kind == "string" else pa.float64()
                             for key, kind in attrs["stat_kinds"].items()}
+        if attrs["stat_kinds"]:  # decided from stored stats by `bricks-dj refilter`
+            attrs["thresholds"] = decision.decision_params(dj_cls, dj.ops.Filter)
     cls = type(class_name, (base,), attrs)
     globals()[class_name] = cls  # found directly from now on, as pickle looks it up
     return cls
@@ -272,6 +275,7 @@ _LAST_VERDICT = threading.local()  # score -> keep, in the thread that runs both
 class _DJOperator:
     dj_name: ClassVar[str]
     modalities: ClassVar[frozenset[str]]
+    reruns_on_fields: ClassVar[bool] = False  # it opens the media, or a model, itself
     _dj: Any = None
 
     def setup(self) -> None:
@@ -329,9 +333,31 @@ class DJFilter(_DJOperator, Filter):
     def keep(self, scores):
         op, columns, reason = getattr(_LAST_VERDICT, "value", (None, None, None))
         if op is not self or not _same(columns, scores):
-            raise RuntimeError(f"{self.name}.keep called without score on the same sample")
+            return self._decide_again(scores)
         _LAST_VERDICT.value = (None, None, None)
         return True if reason is None else reason
+
+    def _decide_again(self, scores):
+        """The decision from stored stat columns alone, with this operator's parameters (for
+        `bricks-dj refilter`, which passes the scores a run stored)."""
+        keys = {key: samples.column_of(key) for key in self.stat_kinds}
+        stats_key = data_juicer().keys.stats
+        failure = None
+        for stats in decision.stats_candidates(scores, keys):
+            try:
+                keep = self._run(self._decision, {stats_key: stats})
+            except DJOperatorError as exc:
+                failure = exc
+                continue
+            return True if keep else drop_reason(self.name, self._dj, {k: scores.get(c) for k, c in keys.items()
+                                                                       if scores.get(c) is not None})
+        raise DJOperatorError(f"{failure}, deciding again from the stored stats")
+
+    def _decision(self, dj_sample):
+        op, stats_key = self._dj, data_juicer().keys.stats
+        if op.is_batched_op():
+            return bool(list(op.process_batched({stats_key: [dj_sample[stats_key]]}))[0])
+        return bool(op.process_single(dj_sample))
 
 
 class DJMapper(_DJOperator, Mapper):
