@@ -80,6 +80,18 @@ def test_thresholds_are_read_from_the_recipe():
     assert "no_such_filter" in gather.thresholds(unknown, [])[1][0]
 
 
+def test_data_juicer_thresholds_without_its_no_bound_maximum():
+    pytest.importorskip("data_juicer")
+    import sys
+
+    manifest = {"columns": {"dj_video_motion_score": "double"},
+                "recipe": {"process": [{"dj.video_motion_score_filter": {
+                    "min_score": 0.25, "max_score": sys.float_info.max, "sampling_fps": 2, "any_or_all": "any"}}]}}
+    found, notes = gather.thresholds(manifest, gather.score_columns(manifest))
+    assert [(t.column, t.param, t.value) for t in found] == [("dj_video_motion_score", "min_score", 0.25)]
+    assert notes == []
+
+
 def test_near_threshold_picks_are_the_closest(output):
     data = gather.read_output(str(output))
     (threshold,) = data.thresholds

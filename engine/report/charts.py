@@ -51,7 +51,8 @@ def funnel(steps: list[dict]) -> bytes:
         ax.barh(labels, dropped, left=out, color=COLORS["dropped here"], label="dropped")
         ax.barh(labels, failed, left=[o + d for o, d in zip(out, dropped)], color=COLORS["failed"], label="failed")
         ax.set_xlabel("sources or samples")
-        ax.legend(loc="lower right", frameon=False)
+        # above the bars, which reach the right edge where nothing is dropped
+        ax.legend(loc="lower left", bbox_to_anchor=(0, 1), ncols=3, frameon=False)
         return _svg(fig)
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import sys
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
@@ -204,7 +205,7 @@ def thresholds(manifest: dict[str, Any], columns: list[str]) -> tuple[list[Thres
     for index, step in enumerate(manifest["recipe"].get("process", [])):
         (name, params), = step.items()
         bounds = {k: v for k, v in (params or {}).items()
-                  if k.startswith(("min_", "max_")) and isinstance(v, (int, float)) and not isinstance(v, bool)}
+                  if k.startswith(("min_", "max_")) and _bound(v)}
         if not bounds:
             continue
         try:
@@ -221,6 +222,12 @@ def thresholds(manifest: dict[str, Any], columns: list[str]) -> tuple[list[Thres
             continue  # a metadata filter (min_width...) or one with several scores
         found += [Threshold(floats[0], f"{index}:{name}", k, float(v)) for k, v in bounds.items()]
     return found, notes
+
+
+def _bound(value: Any) -> bool:
+    """A number that bounds something: not a flag, and not "no bound" (Data-Juicer's filters
+    default their maxima to the largest float)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and abs(value) < sys.float_info.max
 
 
 def score_values(data: OutputData, column: str) -> dict[str, list[float]]:
