@@ -219,6 +219,9 @@ DEMO_OVERRIDES = (
 )
 
 
+DEMO_TRAIN_CONFIG = "tiny-cpu"  # the CPU smoke run the README trains on demo/out
+
+
 @main.command()
 @click.argument("out")
 @click.option("--format", "fmt", required=True, type=click.Choice(["opensora", "dj", "webdataset"]),
@@ -275,6 +278,15 @@ def demo(workdir: str, num_videos: int, recipe_path: str, local: bool, overrides
     ctx = click.get_current_context()
     ctx.invoke(run, recipe=recipe_path, local=local, address=None, overwrite=True, strict=True,
                overrides=demo_overrides)
+    # The report again, with what the demo's trainer would get: the tiny CPU config's buckets
+    # and caption lengths in its tokenizer's tokens.
+    from .report import ReportError, ReportOptions, write_report
+
+    try:
+        path = write_report(str(Path(workdir) / "out"), ReportOptions(train_config=DEMO_TRAIN_CONFIG, t5="tiny"))
+    except ReportError as exc:
+        _fail(exc)
+    click.echo(f"report: {path} (with the buckets of bricks-train --config {DEMO_TRAIN_CONFIG})")
 
 
 main.add_command(refilter_command)

@@ -242,18 +242,40 @@ def _artifacts() -> Path:
 def test_report_renders_in_chromium(output, tmp_path):
     browser, driver_path = _chromium()
     pytest.importorskip("torch")
+    write_report(str(output), ReportOptions(train_config="tiny-cpu", samples_per_second=2.0, t5="tiny"))
+    _check_in_chromium(browser, driver_path, output / REPORT, tmp_path / "profile", "report.png")
+
+
+def test_the_demo_ends_with_a_report_that_renders_in_chromium(tmp_path):
+    """`make demo` (`bricks-dj demo`, here in-process on 3 videos): the brickfilm recipe with
+    tiny models ends with a report holding every section, the trainer's view included."""
+    browser, driver_path = _chromium()
+    pytest.importorskip("transformers")
+    result = CliRunner().invoke(main, ["demo", "--workdir", str(tmp_path / "demo"), "--num-videos", "3", "--local"])
+    assert result.exit_code == 0, result.output
+    report = tmp_path / "demo" / "out" / REPORT
+    assert f"report: {report} (with the buckets of bricks-train --config tiny-cpu)" in result.output
+    page = report.read_text()
+    for section in ("Funnel", "Scores", "Kept samples: distributions", "Trainer's view: tiny-cpu",
+                    "4:motion_filter", "7:aesthetic_filter", "captions exceed model_max_length"):
+        assert section in page, section
+    _check_in_chromium(browser, driver_path, report, tmp_path / "profile", "demo-report.png")
+
+
+def _check_in_chromium(browser: str, driver_path: str, report: Path, profile: Path, screenshot: str) -> None:
+    """Loaded in headless Chromium: charts and thumbnails all load and are not blank, no
+    console errors; a full-page screenshot goes to the test artefacts."""
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
-    write_report(str(output), ReportOptions(train_config="tiny-cpu", samples_per_second=2.0, t5="tiny"))
     options = webdriver.ChromeOptions()
     options.binary_location = browser
-    for flag in (*CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1200,900"):
+    for flag in (*CHROMIUM_FLAGS, f"--user-data-dir={profile}", "--window-size=1200,900"):
         options.add_argument(flag)
     options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
     driver = webdriver.Chrome(service=Service(driver_path), options=options)
     try:
-        driver.get((output / REPORT).as_uri())
+        driver.get(report.as_uri())
         images = driver.find_elements("css selector", "img")
         charts = [i for i in images if "chart" in i.get_attribute("class")]
         thumbs = [i for i in images if "thumb" in i.get_attribute("class")]
@@ -270,6 +292,6 @@ def test_report_renders_in_chromium(output, tmp_path):
         assert errors == [], errors
         height = driver.execute_script("return document.documentElement.scrollHeight")
         driver.set_window_size(1200, height)
-        assert driver.save_screenshot(str(_artifacts() / "report.png"))
+        assert driver.save_screenshot(str(_artifacts() / screenshot))
     finally:
         driver.quit()
