@@ -152,6 +152,11 @@ class Filter(Operator):
         """True to keep; False or a reason string to drop."""
         raise NotImplementedError
 
+    def keep_stored(self, scores: dict[str, Any]) -> bool | str:
+        """`keep` on the scores an output stored, for `bricks-dj refilter`: the same, unless
+        `keep` needs more than the stored scores (Data-Juicer's filters)."""
+        return self.keep(scores)
+
 
 class FanOut(Operator):
     def split(self, sample: Sample, frames: list[Frames]) -> list[Sample]:

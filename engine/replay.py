@@ -165,7 +165,7 @@ def _decide(step: Step, scores: dict[str, Any], sample: Stored) -> str | None:
     """The step's verdict on stored scores; a decision that cannot be made from them refuses
     the what-if."""
     try:
-        return verdict(step.op, scores)
+        return verdict(step.op, scores, stored=True)
     except Exception as exc:
         which = sample.reject["sample_id"] if sample.reject else sample.row.get("sample_id")
         raise RefilterError(f"{step.label}: sample {which} cannot be decided again from its stored scores "

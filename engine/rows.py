@@ -19,7 +19,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from .operator import Frames, Operator, Sample
+from .operator import Filter, Frames, Operator, Sample
 from .schema import REJECT_COLUMNS, fields_json, rejects_schema, scores_json
 
 KEPT, DROPPED, FAILED, WRITTEN = "kept", "dropped", "failed", "written"
@@ -63,9 +63,10 @@ def reject_record(uri: str, sample: Sample | None, op: str, status: str, reason:
             "fields": fields_json(sample)}
 
 
-def verdict(op: Operator, fields: dict[str, Any]) -> str | None:
-    """None when `op.keep(fields)` keeps the sample, else the reason it is dropped."""
-    decision = op.keep(fields)
+def verdict(op: Operator, fields: dict[str, Any], stored: bool = False) -> str | None:
+    """None when `op.keep(fields)` keeps the sample, else the reason it is dropped. `stored`:
+    the scores are those an output stored (`bricks-dj refilter`), decided on by `keep_stored`."""
+    decision = op.keep_stored(fields) if stored and isinstance(op, Filter) else op.keep(fields)
     if decision is True:
         return None
     return decision if isinstance(decision, str) else f"rejected by {op.name}"

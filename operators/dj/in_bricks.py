@@ -333,13 +333,13 @@ class DJFilter(_DJOperator, Filter):
     def keep(self, scores):
         op, columns, reason = getattr(_LAST_VERDICT, "value", (None, None, None))
         if op is not self or not _same(columns, scores):
-            return self._decide_again(scores)
+            raise RuntimeError(f"{self.name}.keep called without score on the same sample")
         _LAST_VERDICT.value = (None, None, None)
         return True if reason is None else reason
 
-    def _decide_again(self, scores):
-        """The decision from stored stat columns alone, with this operator's parameters (for
-        `bricks-dj refilter`, which passes the scores a run stored)."""
+    def keep_stored(self, scores):
+        """Data-Juicer's decision from the stored stat columns alone, with this operator's
+        parameters: its stats rebuilt from them, in the shape its decision reads."""
         keys = {key: samples.column_of(key) for key in self.stat_kinds}
         stats_key = data_juicer().keys.stats
         failure = None
