@@ -90,6 +90,13 @@ def test_data_juicer_thresholds_without_its_no_bound_maximum():
     found, notes = gather.thresholds(manifest, gather.score_columns(manifest))
     assert [(t.column, t.param, t.value) for t in found] == [("dj_video_motion_score", "min_score", 0.25)]
     assert notes == []
+    # an operator with several stats: each bound goes to the column it names
+    manifest = {"columns": {"dj_video_width": "double", "dj_video_height": "double"},
+                "recipe": {"process": [{"dj.video_resolution_filter": {
+                    "min_width": 160, "max_width": sys.float_info.max, "min_height": 90}}]}}
+    found, _ = gather.thresholds(manifest, gather.score_columns(manifest))
+    assert [(t.column, t.param, t.value) for t in found] == [("dj_video_width", "min_width", 160.0),
+                                                           ("dj_video_height", "min_height", 90.0)]
 
 
 def test_near_threshold_picks_are_the_closest(output):

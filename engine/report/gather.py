@@ -218,10 +218,18 @@ def thresholds(manifest: dict[str, Any], columns: list[str]) -> tuple[list[Thres
         if declared:
             bounds = {k: v for k, v in bounds.items() if k in declared}
         floats = [c for c in outputs if c in columns]
-        if len(floats) != 1:
-            continue  # a metadata filter (min_width...) or one with several scores
-        found += [Threshold(floats[0], f"{index}:{name}", k, float(v)) for k, v in bounds.items()]
+        for param, value in bounds.items():
+            column = floats[0] if len(floats) == 1 else _column_named(floats, param[4:])
+            if column is not None:  # else a metadata filter (min_width: no score column)
+                found.append(Threshold(column, f"{index}:{name}", param, float(value)))
     return found, notes
+
+
+def _column_named(columns: list[str], suffix: str) -> str | None:
+    """Of an operator's several score columns, the one a bound `min_<suffix>` is for
+    (`min_width` -> `dj_video_width`); None unless exactly one matches."""
+    named = [c for c in columns if c == suffix or c.endswith("_" + suffix)]
+    return named[0] if len(named) == 1 else None
 
 
 def _bound(value: Any) -> bool:
