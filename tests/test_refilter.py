@@ -314,3 +314,22 @@ def test_stored_scores_that_do_not_give_the_recorded_decisions_are_refused(tmp_p
     assert result.exit_code == 2, result.output
     assert f"sample {touched[0]['sample_id']} was dropped by 2:motion_filter, but its stored scores give kept" \
         in result.output
+
+
+def test_data_juicer_decisions_from_stored_stats_of_either_shape():
+    """Text filters read one value per stat, media filters a list per sample's media: the
+    stored column is given in the shape the decision reads."""
+    pytest.importorskip("data_juicer")
+    from bricks.engine.registry import get
+
+    text = get("dj.text_length_filter")
+    assert text.thresholds == ("min_len", "max_len")
+    assert text(text.Params(min_len=5)).keep_stored({"dj_text_len": 6.0}) is True
+    assert text(text.Params(min_len=10)).keep_stored({"dj_text_len": 6.0}) == \
+        "dj.text_length_filter: text_len 6 outside [10, inf]"
+    video = get("dj.video_duration_filter")
+    assert video(video.Params(min_duration=1.5, video_backend="av")).keep_stored({"dj_video_duration": 1.25}) == \
+        "dj.video_duration_filter: video_duration 1.25 outside [1.5, inf]"
+    assert video(video.Params(min_duration=1.0, video_backend="av")).keep_stored({"dj_video_duration": 1.25}) is True
+    with pytest.raises(RuntimeError, match="keep called without score"):  # a run's keep needs its score
+        video(video.Params(min_duration=1.0, video_backend="av")).keep({"dj_video_duration": 1.25})
