@@ -159,6 +159,10 @@ class Filter(Operator):
 
 
 class FanOut(Operator):
+    # `split` returns the sample itself first, then samples within its frame range that carry
+    # its fields (`middle_frame`): `bricks-dj refilter` may then change filters before it.
+    keeps_parent: ClassVar[bool] = False
+
     def split(self, sample: Sample, frames: list[Frames]) -> list[Sample]:
         raise NotImplementedError
 

@@ -32,7 +32,7 @@ from .output import (MANIFEST, RUN_INFO, Ledger, Progress, ShardWriter, claim, m
 from .pipeline import OpStats
 from .recipe import Recipe, RecipeError, from_dict
 from .registry import RegistryError, get as get_operator
-from .replay import RefilterError, Replay, Stored, check_changes, replayed_steps, step_of
+from .replay import Outcome, RefilterError, Replay, Stored, check_changes, replayed_steps, step_of
 from .rows import DROPPED, FAILED, KEPT
 from .run import build_manifest
 from .schema import REJECT_COLUMNS, rejects_schema, sample_id, to_table
@@ -227,8 +227,7 @@ def _check_replay(plan: plan_mod.Plan, changed: set[int], sources: dict[str, Sou
     counts: dict[str, OpStats] = {}
     replayed = {s.index for s in replay.steps}
     for rows in sources.values():
-        for sample in _stored(rows, replayed)[0]:
-            got = replay.run(sample, counts)
+        for sample, got in _decided(replay, _stored(rows, replayed)[0], counts):
             if got.brought_back or got.status != sample.status or \
                     (got.reject or {}).get("op") != (sample.reject or {}).get("op"):
                 was = sample.reject["op"] if sample.reject else None
@@ -245,6 +244,39 @@ def _check_replay(plan: plan_mod.Plan, changed: set[int], sources: dict[str, Sou
                                 "re-run the recipe")
 
 
+def _decided(replay: Replay, stored: list[Stored], counts: dict[str, OpStats]) -> list[tuple[Stored, Outcome]]:
+    """Each sample with its outcome. Across a fan-out that keeps its parent, a clip and the
+    samples made from it (found within its frame range) are decided together
+    (`Replay.run_group`): a clip that a filter before the fan-out now drops gives one reject,
+    paired with the clip's row, and the samples made from it are gone."""
+    keeper = replay.keeper
+    if keeper is None:
+        return [(sample, replay.run(sample, counts)) for sample in stored]
+    alone, groups, placed = [], {}, set()
+    for sample in stored:
+        if sample.status != KEPT and sample.at <= keeper.index:
+            alone.append(sample)  # dropped or failed before the fan-out made anything of it
+        elif keeper.op.applies_to(sample.row):  # the clip, the fan-out's first child
+            groups[(sample.row["start_frame"], sample.row["end_frame"])] = [sample]
+        else:
+            continue
+        placed.add(id(sample))
+    for sample in stored:
+        if id(sample) in placed:
+            continue
+        start, end = sample.row["start_frame"], sample.row["end_frame"]
+        parent = next((k for k in groups if k[0] <= start and end <= k[1]), None)
+        if parent is None:
+            alone.append(sample)  # not made by the fan-out
+        else:
+            groups[parent].append(sample)
+    decided = [(sample, replay.run(sample, counts)) for sample in alone]
+    for clip, *made in groups.values():
+        outcomes = replay.run_group(clip, [clip, *made], counts)
+        decided += list(zip([clip, *made], outcomes))
+    return decided
+
+
 def _outcome(status: str, op: str | None) -> str:
     return f"{status} by {op}" if op else status
 
@@ -255,8 +287,7 @@ def _refiltered(replay: Replay, rows: SourceRows, key: str) -> dict[str, Any]:
     stored, earlier = _stored(rows, {s.index for s in replay.steps})
     counts: dict[str, OpStats] = {}
     kept, rejects, back = [], [_renamed_reject(r, key) for r in earlier], 0
-    for sample in stored:
-        outcome = replay.run(sample, counts)
+    for _, outcome in _decided(replay, stored, counts):
         back += outcome.brought_back
         if outcome.status == KEPT:
             kept.append(_renamed(outcome.row, key))

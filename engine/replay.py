@@ -15,7 +15,10 @@ through these steps again in recipe order:
 - a sample a loosened filter brings back goes through the steps it never reached: those
   that need no frames and no model run on its stored fields (with the engine's own
   `apply_step`); one that does is refused, since it would need decoding or the model;
-- failed samples stay failed at the step that failed them.
+- failed samples stay failed at the step that failed them;
+- where the last fan-out keeps its parent (`FanOut.keeps_parent`: `middle_frame` gives the clip,
+  then its image), a filter before it decides on the clip, and a clip it drops takes the samples
+  made from it along (they never exist in a re-run); bringing one back needs the fan-out's frames.
 
 Before the new thresholds, the changed filters decide again with the old ones (`checking`):
 every sample must get the outcome OUT recorded, or the stored scores are not what the filters
@@ -76,11 +79,51 @@ class Replay:
         self.steps = replayed_steps(self.plan)
         self.final = {s.index for s in self.plan.final_steps}
 
-    def run(self, sample: Stored, stats: dict[str, OpStats]) -> Outcome:
+    @property
+    def keeper(self) -> Step | None:
+        """The fan-out among the replayed steps (one that keeps its parent), if any."""
+        return next((s for s in self.steps if isinstance(s.op, FanOut)), None)
+
+    def run_group(self, parent: Stored, children: list[Stored], stats: dict[str, OpStats]) -> list[Outcome]:
+        """A sample the keeping fan-out split (`parent`, as its first child holds it) and the
+        samples it made (`children`, the first among them): the parent decided at the steps
+        before the fan-out, then each child at the steps after it."""
+        keeper = self.keeper
+        state = parent.row
+        for step in self.steps:
+            if step.index >= keeper.index:
+                break
+            st = stats.setdefault(step.label, OpStats())
+            if not self._reaches(step, state):
+                continue
+            st.n_in += 1
+            if step.index in self.changed and step.op.applies_to(state):
+                scores = self._stored_scores(step, state, parent)
+                reason = _decide(step, scores, parent)
+                if reason is not None:
+                    st.dropped += 1
+                    fields = self._before(keeper, state)
+                    return [Outcome(DROPPED, None, reject_record(parent.uri, fields, step.label, DROPPED, reason,
+                                                                 scores))]
+            st.n_out += 1
+        st = stats.setdefault(keeper.label, OpStats())
+        st.n_in += 1
+        st.n_out += len(children)
+        return [self.run(child, stats, after=keeper.index) for child in children]
+
+    def _before(self, keeper: Step, state: dict[str, Any]) -> dict[str, Any]:
+        """A parent's fields as they were before the fan-out: without the columns of the steps
+        from it on, and without media (which those steps made)."""
+        later = {c for s in self.steps if s.index >= keeper.index for c in s.op.outputs}
+        return {k: (None if k in ("media", "media_format") else v) for k, v in state.items() if k not in later}
+
+    def run(self, sample: Stored, stats: dict[str, OpStats], after: int | None = None) -> Outcome:
         state = sample.row
         back = False
         for step in self.steps:
             i, op = step.index, step.op
+            if after is not None and i <= after:
+                continue  # decided for the sample's parent (`run_group`)
             counted = self._reaches(step, state)
             st = stats.setdefault(step.label, OpStats())
             if back:
@@ -173,10 +216,14 @@ def _decide(step: Step, scores: dict[str, Any], sample: Stored) -> str | None:
 
 
 def replayed_steps(plan: Plan) -> list[Step]:
-    """The steps after the last segmenter or fan-out, which see the output's own samples."""
+    """The steps after the last segmenter or fan-out, which see the output's own samples; or,
+    where the last fan-out keeps its parent (`middle_frame`: the clip, then its image), after
+    the one before it: each output row is then a sample, or a child of one, across it."""
     ordered = plan.post + plan.final_steps
-    last = max((k for k, s in enumerate(ordered) if isinstance(s.op, (FanOut, Segmenter))), default=-1)
-    return ordered[last + 1:]
+    splits = [k for k, s in enumerate(ordered) if isinstance(s.op, (FanOut, Segmenter))]
+    if splits and getattr(ordered[splits[-1]].op, "keeps_parent", False):
+        splits.pop()
+    return ordered[splits[-1] + 1 if splits else 0:]
 
 
 def scores_again(op) -> bool:

@@ -25,6 +25,7 @@ class MiddleFrame(FanOut):
     name = "middle_frame"
     description = "Add the middle frame of every clip as an image sample (JPEG), keeping the clip."
     Params = MiddleFrameParams
+    keeps_parent = True  # the clip, then its image
 
     def applies_to(self, sample) -> bool:
         return sample["kind"] == "video"

@@ -337,3 +337,49 @@ def test_data_juicer_decisions_from_stored_stats_of_either_shape():
     assert video(video.Params(min_duration=1.0, video_backend="av")).keep_stored({"dj_video_duration": 1.25}) is True
     with pytest.raises(RuntimeError, match="keep called without score"):  # a run's keep needs its score
         video(video.Params(min_duration=1.0, video_backend="av")).keep({"dj_video_duration": 1.25})
+
+
+# -- across a fan-out that keeps its parent: the Text2Bricks recipe --------------------------------------
+
+@pytest.fixture(scope="module")
+def brickfilm(tmp_path_factory, corpus) -> tuple[list[str], Path]:
+    """recipes/brickfilm.yaml as `bricks-dj demo` runs it (tiny models, CPU), in-process:
+    motion_filter runs before middle_frame, which keeps each clip and adds its image."""
+    pytest.importorskip("transformers")
+    from bricks.engine.cli import DEMO_OVERRIDES
+
+    out = tmp_path_factory.mktemp("refilter-brickfilm") / "out"
+    base = [f"input={corpus[0]}", *DEMO_OVERRIDES, "executor.mode=local"]
+    run(load(BRICKFILM, [*base, f"output={out}"]))
+    return base, out
+
+
+BRICKFILM = str(Path(__file__).resolve().parent.parent / "recipes" / "brickfilm.yaml")
+
+
+def test_a_filter_before_middle_frame_drops_each_clip_with_its_image(tmp_path, brickfilm):
+    base, out = brickfilm
+    change = "process.motion_filter.min_score=3.5"
+    result = refilter(str(out), "--set", change, "--to", str(tmp_path / "what"))
+    assert result.exit_code == 0, result.output
+    run(load(BRICKFILM, [*base, change, f"output={tmp_path / 'rerun'}"]))
+
+    def rows(folder):  # media aside: encoded clips may differ by a few bytes between runs
+        return {k: {**r, "media": None} for k, r in rows_by_id(read_shards(folder)).items()}
+
+    new, rerun = rows(tmp_path / "what"), rows(tmp_path / "rerun")
+    assert new == rerun and 0 < len(new) < len(rows(out))
+    assert {r["kind"] for r in new.values()} == {"video", "image"}
+    key = lambda r: (r["sample_id"], r["op"], r["status"], r["reason"])  # noqa: E731
+    mine, theirs = read_rejects(tmp_path / "what").to_pylist(), read_rejects(tmp_path / "rerun").to_pylist()
+    assert sorted(map(key, mine)) == sorted(map(key, theirs))
+    assert counts(read_manifest(tmp_path / "what")) == counts(read_manifest(tmp_path / "rerun"))
+    dropped = [r for r in mine if r["op"] == "4:motion_filter" and r["reason"].endswith("< min_score 3.5")]
+    assert dropped and all(r["kind"] == "video" for r in dropped)  # the clip, and no reject for its image
+
+
+def test_loosening_a_filter_before_middle_frame_is_refused(brickfilm):
+    _, out = brickfilm
+    result = refilter(str(out), "--set", "process.motion_filter.min_score=0")
+    assert result.exit_code == 2
+    assert "never reached 5:middle_frame, which needs frames" in result.output
