@@ -80,12 +80,17 @@ def apply_override(data: dict, path: list[str], value: Any, where: str) -> None:
 def _join_name(items: list, path: list[str], i: int) -> None:
     """Where `path[i:k+1]` joined by dots names an item of `items`, the longest such name
     becomes one part of `path` (operator names may hold a dot: `dj.text_length_filter`)."""
-    names = {next(iter(item)) for item in items if isinstance(item, dict) and len(item) == 1}
+    names = set(_item_names(items))
     for k in range(len(path) - 1, i, -1):
         joined = ".".join(path[i:k + 1])
         if joined in names:
             path[i:k + 1] = [joined]
             return
+
+
+def _item_names(items: list) -> list[str]:
+    """The names of a list's one-key items (`process`: the operators), in order."""
+    return [next(iter(item)) for item in items if isinstance(item, dict) and len(item) == 1]
 
 
 def _list_index(items: list, part: str, where: str) -> int:
@@ -95,7 +100,7 @@ def _list_index(items: list, part: str, where: str) -> int:
         if not -len(items) <= index < len(items):
             raise SettingsError(f"{where}: index out of range (the list has {len(items)} items)")
         return index
-    names = [next(iter(item)) for item in items if isinstance(item, dict) and len(item) == 1]
+    names = _item_names(items)
     if part in names:
         return names.index(part)
     raise SettingsError(f"{where}: no item named '{part}'{suggest(part, names)}")
