@@ -323,12 +323,13 @@ class DJFilter(_DJOperator, Filter):
         return columns
 
     def _stats_and_decision(self, dj_sample):
-        op, stats_key = self._dj, data_juicer().keys.stats
+        op = self._dj
         if op.is_batched_op():
             batch = op.compute_stats_batched({k: [v] for k, v in dj_sample.items()})
-            return batch[stats_key][0], bool(list(op.process_batched(batch))[0])
-        dj_sample = op.compute_stats_single(dj_sample)
-        return dj_sample[stats_key], bool(op.process_single(dj_sample))
+            dj_sample = {k: v[0] for k, v in batch.items()}
+        else:
+            dj_sample = op.compute_stats_single(dj_sample)
+        return dj_sample[data_juicer().keys.stats], self._decision(dj_sample)
 
     def keep(self, scores):
         op, columns, reason = getattr(_LAST_VERDICT, "value", (None, None, None))
@@ -354,9 +355,10 @@ class DJFilter(_DJOperator, Filter):
         raise DJOperatorError(f"{failure}, deciding again from the stored stats")
 
     def _decision(self, dj_sample):
-        op, stats_key = self._dj, data_juicer().keys.stats
+        """Data-Juicer's keep decision on a sample whose stats are computed."""
+        op = self._dj
         if op.is_batched_op():
-            return bool(list(op.process_batched({stats_key: [dj_sample[stats_key]]}))[0])
+            return bool(list(op.process_batched({k: [v] for k, v in dj_sample.items()}))[0])
         return bool(op.process_single(dj_sample))
 
 
