@@ -53,8 +53,10 @@ set_option = click.option("--set", "overrides", multiple=True, metavar="KEY=VALU
 @click.option("--local", "local", is_flag=True, help="Run in-process without Ray (debugging).")
 @click.option("--overwrite", is_flag=True, help="Discard earlier output and start over.")
 @click.option("--strict", is_flag=True, help="Exit with status 1 if any source or sample failed.")
-def run(recipe: str, overrides: tuple[str, ...], address: str | None, local: bool, overwrite: bool, strict: bool) -> None:
+def run(recipe: str, overrides: tuple[str, ...], address: str | None, local: bool, overwrite: bool, strict: bool,
+        report_options=None) -> None:
     """Run RECIPE; rerunning resumes where an interrupted run stopped."""
+    # `report_options` (a ReportOptions) is no command-line option: `demo` passes its own.
     from .progress import RunProgress, print_summary
     from .run import run as run_recipe
 
@@ -67,24 +69,27 @@ def run(recipe: str, overrides: tuple[str, ...], address: str | None, local: boo
         display = RunProgress()
         try:
             manifest = run_recipe(loaded, overwrite=overwrite, mode="local" if local else None,
-                                  on_start=display.start, on_source=display.source, frames=display.frames)
+                                  on_start=display.start, on_source=display.source, frames=display.frames,
+                                  report=report_options)
         finally:
             display.close()
             stop_ray()
     except USER_ERRORS as exc:
         _fail(exc)
     print_summary(manifest, loaded.model.output)
-    _say_report(manifest, loaded.model.output)
+    _say_report(manifest, loaded.model.output, report_options)
     failed = manifest["rejects"]["failed"]  # failed sources are rows of the rejects table too
     if strict and failed:
         click.echo(f"bricks-dj: {failed} failures (see {loaded.model.output}/rejects)", err=True)
         sys.exit(1)
 
 
-def _say_report(manifest: dict, out: str) -> None:
+def _say_report(manifest: dict, out: str, options=None) -> None:
     report = manifest.get("report") or {}
     if report.get("written"):
-        click.echo(f"report: {out.rstrip('/')}/{report['file']}")
+        config = getattr(options, "train_config", None)
+        buckets = f" (with the buckets of bricks-train --config {config})" if config else ""
+        click.echo(f"report: {out.rstrip('/')}/{report['file']}{buckets}")
     # else: the run has already warned why
 
 
@@ -275,18 +280,13 @@ def demo(workdir: str, num_videos: int, recipe_path: str, local: bool, overrides
     if not (videos / "truth.json").exists():
         click.echo(f"generating {num_videos} synthetic brick-film videos in {videos}", err=True)
         generate_corpus(videos, num_videos=num_videos)
+    # The report shows what the demo's trainer would get: the tiny CPU config's buckets and
+    # caption lengths in its tokenizer's tokens.
+    from .report import ReportOptions
+
     ctx = click.get_current_context()
     ctx.invoke(run, recipe=recipe_path, local=local, address=None, overwrite=True, strict=True,
-               overrides=demo_overrides)
-    # The report again, with what the demo's trainer would get: the tiny CPU config's buckets
-    # and caption lengths in its tokenizer's tokens.
-    from .report import ReportError, ReportOptions, write_report
-
-    try:
-        path = write_report(str(Path(workdir) / "out"), ReportOptions(train_config=DEMO_TRAIN_CONFIG, t5="tiny"))
-    except ReportError as exc:
-        _fail(exc)
-    click.echo(f"report: {path} (with the buckets of bricks-train --config {DEMO_TRAIN_CONFIG})")
+               overrides=demo_overrides, report_options=ReportOptions(train_config=DEMO_TRAIN_CONFIG, t5="tiny"))
 
 
 main.add_command(refilter_command)

@@ -8,7 +8,7 @@ import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from importlib.metadata import PackageNotFoundError, version
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -28,6 +28,9 @@ from .recipe import Recipe
 from .runners import merge_function, run_local, run_ray
 from .schema import SCHEMA_VERSION
 from .store import open_store
+
+if TYPE_CHECKING:
+    from .report import ReportOptions
 
 log = logging.getLogger("bricks")
 
@@ -50,9 +53,10 @@ class SourceDone:
 def run(recipe: Recipe, *, overwrite: bool = False, mode: str | None = None,
         on_start: Callable[[int, int], None] | None = None,
         on_source: Callable[[SourceDone], None] | None = None,
-        frames: FrameBoard | None = None) -> dict[str, Any]:
+        frames: FrameBoard | None = None, report: ReportOptions | None = None) -> dict[str, Any]:
     """Run `recipe`; returns the manifest. Sources already committed in the output are skipped.
-    `frames`, if given, holds the frames decoded so far in the sources in flight."""
+    `frames`, if given, holds the frames decoded so far in the sources in flight; `report`, the
+    options of the report the run ends with (default: `bricks-dj report`'s)."""
     started = time.time()
     plan, inputs = preflight(recipe, mode)
     sources = inputs.uris
@@ -87,16 +91,16 @@ def run(recipe: Recipe, *, overwrite: bool = False, mode: str | None = None,
         manifest["driver"] = {"bytes_received": received}
         manifest["dataset_card"] = write_card(open_store(out), manifest,
                                               {c: s.op.name for s in plan.steps for c in s.op.outputs})
-        manifest["report"] = write_run_report(out, manifest)
+        manifest["report"] = write_run_report(out, manifest, report)
         write_manifest(out, manifest)
     return manifest
 
 
-def write_run_report(out: str, manifest: dict[str, Any]) -> dict[str, Any]:
+def write_run_report(out: str, manifest: dict[str, Any], options: ReportOptions | None = None) -> dict[str, Any]:
     """OUT/report.html; a report that cannot be made costs the run nothing but one warning."""
     from .report import REPORT, write_report
 
-    return report_outcome(lambda: write_report(out, manifest=manifest), REPORT)
+    return report_outcome(lambda: write_report(out, options, manifest=manifest), REPORT)
 
 
 def report_outcome(write, name: str) -> dict[str, Any]:
